@@ -1,0 +1,20 @@
+"""Every environment variable pagedllm reads, in one place (all prefixed ``PAGEDLLM_``)."""
+
+from __future__ import annotations
+
+import os
+
+
+def cache_dir() -> str:
+    """Where downloaded models (the embedded default model) are kept."""
+    return os.path.expanduser(os.environ.get("PAGEDLLM_CACHE_DIR", "~/.cache/pagedllm"))
+
+
+def kv_cache_memory() -> int | None:
+    """CPU KV-cache budget in bytes, like vLLM's VLLM_CPU_KVCACHE_SPACE (which is in GiB)."""
+    value = os.environ.get("PAGEDLLM_KV_CACHE_MEMORY")
+    return int(value) if value else None
+
+
+def log_level() -> str:
+    return os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO")
