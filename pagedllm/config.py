@@ -1,0 +1,108 @@
+"""Engine configuration: plain dataclasses, validated on construction.
+
+``EngineArgs`` is the flat, user-facing set of knobs (what ``LLM(**kwargs)`` and the CLI take);
+``EngineConfig`` is what the engine runs with once the model's own config is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from pagedllm import envs
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3
+
+
+@dataclass
+class EngineArgs:
+    """Every knob a user can set, named as in vLLM. ``None`` means "derive a sensible default"."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            self.dtype = "float32"
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        _check_positive("max_num_seqs", self.max_num_seqs)
+        _check_positive("block_size", self.block_size)
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(name, value)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("block_size", self.block_size)
+        _check_positive("num_blocks", self.num_blocks)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("max_num_seqs", self.max_num_seqs)
+        _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _check_positive("max_model_len", self.max_model_len)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is disabled"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """What the runner needs to know about the model, read off its Hugging Face config."""
+
+    model: str
+    dtype: str
+    max_model_len: int
+    vocab_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+def default_kv_cache_memory() -> int:
+    return envs.kv_cache_memory() or DEFAULT_CPU_KV_CACHE_MEMORY
+
+
+def _check_positive(name: str, value: int | float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -1,0 +1,136 @@
+"""KVCacheManager: which physical blocks hold each request's KV (the block table), with prefix
+caching. It owns the BlockPool and never touches a tensor.
+
+    request tokens   [t0 .. t15][t16 .. t31][t32 .. t40]      block_size = 16
+    block table      [   b4    ][    b9    ][    b2   ]       logical block i -> physical block
+    hashes           [   h0    ][ h1(h0,..)]  (partial block: no hash yet)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedllm.engine.block_pool import BlockKey, BlockPool, KVCacheBlock, hash_block
+from pagedllm.engine.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    """Token counts, so hit rate = hits / queries (vLLM's prefix_cache_* metrics)."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+        self.prefix_cache_stats = PrefixCacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(req_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of full blocks. At least one token is always left to compute,
+        because the model must run on the last token to produce the next one."""
+        if not self.enable_caching:
+            return [], 0
+        keys = self._block_keys(request)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for key in keys[:max_hit_blocks]:
+            block = self.pool.get_cached_block(key)
+            if block is None:
+                break
+            hits.append(block)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_cache_stats.queries += request.num_tokens
+        self.prefix_cache_stats.hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    def can_fit(self, num_tokens: int) -> bool:
+        """Whether a sequence of this length could ever fit, with the whole pool to itself."""
+        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[KVCacheBlock] | None:
+        """Make room for ``num_new_tokens`` more tokens of KV; None (and no change) if the pool
+        cannot provide the blocks."""
+        new_computed_blocks = new_computed_blocks or []
+        req_blocks = self.req_to_blocks.setdefault(request.req_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_needed = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_new_blocks = max(0, num_needed - len(req_blocks) - len(new_computed_blocks))
+        # Hits that sit in the free queue stop being allocatable once we take them.
+        num_revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_revived:
+            if not req_blocks:
+                del self.req_to_blocks[request.req_id]
+            return None
+        self.pool.touch(new_computed_blocks)
+        req_blocks.extend(new_computed_blocks)
+        new_blocks = self.pool.allocate(num_new_blocks)
+        req_blocks.extend(new_blocks)
+        if self.enable_caching:
+            self._cache_full_blocks(request, req_blocks, num_computed + num_new_tokens)
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_to_blocks.pop(request.req_id, [])
+        self.num_cached_blocks.pop(request.req_id, None)
+        self.pool.free(list(reversed(blocks)))
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    def _cache_full_blocks(
+        self, request: Request, req_blocks: list[KVCacheBlock], num_tokens: int
+    ) -> None:
+        """Index the blocks that will be full once this step's tokens are written.
+
+        NOTE: a block is indexed before the forward pass that fills it runs. That is safe because
+        every layer writes the whole batch's K/V before any attention reads, so a request that
+        hits such a block in the same step reads what its sibling just wrote.
+        """
+        num_full = num_tokens // self.block_size
+        start = self.num_cached_blocks.get(request.req_id, 0)
+        if num_full <= start:
+            return
+        keys = self._block_keys(request)
+        for i in range(start, num_full):
+            self.pool.cache_block(req_blocks[i], keys[i])
+        self.num_cached_blocks[request.req_id] = num_full
+
+    def _block_keys(self, request: Request) -> list[BlockKey]:
+        """Extend the request's chained block hashes to all its full blocks."""
+        keys = request.block_hashes
+        bs = self.block_size
+        tokens = request.all_token_ids
+        for i in range(len(keys), len(tokens) // bs):
+            parent = keys[i - 1].block_hash if i > 0 else None
+            block_tokens = tuple(tokens[i * bs : (i + 1) * bs])
+            keys.append(BlockKey(hash_block(parent, block_tokens), block_tokens))
+        return keys

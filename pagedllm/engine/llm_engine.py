@@ -1,0 +1,250 @@
+"""LLMEngine: the synchronous engine loop. ``step()`` = schedule -> execute -> update.
+
+It owns the tokenizer, the scheduler (with its KV cache manager), the model runner and the
+output processor; the offline ``LLM`` class and the async server wrapper both drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from pagedllm.config import ModelConfig, SchedulerConfig
+from pagedllm.config import EngineArgs, default_kv_cache_memory
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.scheduler import Scheduler, SchedulerStats
+from pagedllm.model_executor.loader import (
+    iter_weights,
+    load_hf_config,
+    load_tokenizer,
+    resolve_model,
+)
+from pagedllm.model_executor.model_runner import ModelRunner
+from pagedllm.model_executor.models.hf_config import arch_config_from_hf
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict | list[int]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        source = resolve_model(args.model, revision=args.revision)
+        hf_config = load_hf_config(source)
+        self.tokenizer = load_tokenizer(source, args.tokenizer)
+        arch = arch_config_from_hf(hf_config)
+        self.device = torch.device(
+            args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        max_model_len = _max_model_len(args.max_model_len, arch)
+        self.model_config = ModelConfig(
+            model=source.model,
+            dtype=args.dtype,
+            max_model_len=max_model_len,
+            vocab_size=arch.vocab_size,
+            num_layers=arch.num_layers,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            eos_token_ids=_eos_token_ids(hf_config, self.tokenizer),
+        )
+        self.runner = ModelRunner(arch, args.dtype, self.device)
+        self.runner.load_weights(iter_weights(source))
+        num_blocks = self._num_kv_blocks(args)
+        if num_blocks * args.block_size < max_model_len:
+            raise ValueError(
+                f"the KV cache ({num_blocks} blocks of {args.block_size} tokens) cannot hold one "
+                f"sequence of max_model_len={max_model_len} tokens: raise kv_cache_memory or "
+                f"lower max_model_len"
+            )
+        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        kv_mib = num_blocks * self.runner.kv_bytes_per_block(args.block_size) / 2**20
+        logger.info("# KV blocks: %d (block size %d, %.1f MiB)", num_blocks, args.block_size, kv_mib)
+        logger.info(
+            "Maximum concurrency for %d tokens per request: %.2fx",
+            max_model_len,
+            num_blocks * args.block_size / max_model_len,
+        )
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching
+        )
+        max_batched = args.max_num_batched_tokens or (
+            2048 if args.enable_chunked_prefill else max(2048, max_model_len)
+        )
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+        )
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_steps = 0
+        logger.info("engine ready in %.1f s (model %s, %s)", time.perf_counter() - t0, source.model, args.dtype)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
+        params = params or SamplingParams()
+        if self.output_processor.has(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        params = self._finalize_params(params, len(prompt_ids))
+        samples, requests = {}, []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                if params.seed is not None:
+                    child_params.seed = params.seed + i
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(child_id, prompt_ids, child_params, arrival_time)
+            requests.append(req)
+            samples[child_id] = SampleState(
+                index=i,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+        for req in requests:
+            try:
+                self.scheduler.add_request(req)
+            except ValueError:
+                self.scheduler.finish_requests(
+                    [r.req_id for r in requests if r is not req], RequestStatus.FINISHED_ABORTED
+                )
+                raise
+        self.output_processor.add_request(
+            RequestState(request_id, prompt_text, prompt_ids, params, samples)
+        )
+
+    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        outputs = []
+        for rid in ids:
+            children = self.output_processor.child_ids(rid)
+            self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+            out = self.output_processor.abort(rid)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_requests()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute_model(scheduler_output)
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self.num_steps += 1
+        return outputs
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        elif isinstance(prompt, dict) and "prompt" in prompt:
+            text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(
+                "prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+                f"'prompt_token_ids', got {type(prompt).__name__}"
+            )
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}"
+            )
+        return text, ids
+
+    def _finalize_params(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        params = params.clone()
+        if params.max_tokens is None:
+            params.max_tokens = max(1, self.max_model_len - num_prompt_tokens)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.model_config.eos_token_ids)
+        params.all_stop_token_ids = stop_ids
+        return params
+
+    def _num_kv_blocks(self, args: EngineArgs) -> int:
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        per_block = self.runner.kv_bytes_per_block(args.block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * args.gpu_memory_utilization) - (total - free)
+        else:
+            budget = args.kv_cache_memory or default_kv_cache_memory()
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV cache budget of {budget} bytes holds no block of {per_block} bytes"
+            )
+        return num_blocks
+
+
+def _max_model_len(requested: int | None, arch: Any) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window:
+        # NOTE: no sliding-window masking; capping the length keeps answers exact.
+        limit = min(limit, arch.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(
+            f"max_model_len={requested} exceeds the model's limit of {limit} positions"
+        )
+    return requested
+
+
+def _eos_token_ids(hf_config: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(t) for t in source)
+    return sorted(ids)

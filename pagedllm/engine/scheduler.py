@@ -1,0 +1,232 @@
+"""Scheduler: decides which requests' tokens run in each step (iteration-level continuous
+batching). It thinks in tokens, as vLLM v1 does: each request has ``num_computed_tokens`` and
+``num_tokens``, and a step gives each one a number of tokens under a token budget, so chunked
+prefill, prefix hits and preemption need no special modes. It imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.scheduler_output import (
+    ModelRunnerOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+
+
+@dataclass
+class EngineCoreOutput:
+    """New tokens of one request after a step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    sampled: list[SampledToken]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()
+        self.num_preemptions_total = 0
+
+    # ---- requests in and out ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        max_len = min(request.num_prompt_tokens + request.max_tokens, self.config.max_model_len)
+        if not self.kv_cache_manager.can_fit(max_len):
+            raise ValueError(
+                f"request {request.req_id!r} needs up to {max_len} tokens of KV cache but the "
+                f"cache holds only {self.kv_cache_manager.num_blocks} blocks of "
+                f"{self.kv_cache_manager.block_size}: raise kv_cache_memory or lower max_tokens"
+            )
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, req_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Retire requests (aborted, or stopped by a stop string); their blocks free at once."""
+        assert status.is_finished
+        out = []
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            out.append(request)
+        return out
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        # 1. Running requests first: decodes, and prefills still in progress (chunked).
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            request = self.running[idx]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                idx += 1
+                continue
+            while True:
+                if self.kv_cache_manager.allocate_slots(request, num_new) is not None:
+                    break
+                # Out of blocks: preempt the most recently admitted request by recompute.
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            idx += 1
+
+        # 2. Admit waiting requests (FCFS) while seats, budget and blocks allow.
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            hit_blocks, num_hit = [], 0
+            if request.num_computed_tokens == 0:
+                hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_hit
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        out = SchedulerOutput(
+            scheduled=scheduled,
+            preempted_req_ids=[r.req_id for r in preempted],
+            finished_req_ids=self.finished_req_ids,
+        )
+        self.finished_req_ids = set()
+        return out
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs = []
+        for sched in scheduler_output.scheduled:
+            request = self.requests.get(sched.req_id)
+            if request is None or request.is_finished:
+                continue
+            request.num_computed_tokens += sched.num_tokens
+            if not sched.needs_sample:
+                continue
+            sampled = runner_output.sampled[sched.req_id]
+            request.append_output_token(sampled.token_id)
+            self._check_stop(request)
+            outputs.append(
+                EngineCoreOutput(
+                    req_id=request.req_id,
+                    new_token_ids=[sampled.token_id],
+                    sampled=[sampled],
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=request.num_cached_tokens or 0,
+                )
+            )
+            if request.is_finished:
+                self.running.remove(request)
+                self._free(request)
+        return outputs
+
+    def make_stats(self) -> SchedulerStats:
+        pc = self.kv_cache_manager.prefix_cache_stats
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage(),
+            num_preemptions_total=self.num_preemptions_total,
+            prefix_cache_queries=pc.queries,
+            prefix_cache_hits=pc.hits,
+        )
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            req_id=request.req_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_pos=start,
+            block_ids=self.kv_cache_manager.block_ids(request.req_id),
+            needs_sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.req_id)
+        del self.requests[request.req_id]
+
+    def _check_stop(self, request: Request) -> None:
+        params = request.sampling_params
+        last = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            if last in params.stop_token_ids:
+                request.stop_reason = last
+            return
+        if (
+            request.num_output_tokens >= request.max_tokens
+            or request.num_tokens >= self.config.max_model_len
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED

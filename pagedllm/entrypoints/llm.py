@@ -1,0 +1,138 @@
+"""LLM: the offline API (vLLM's ``LLM.generate`` / ``LLM.chat``) over one LLMEngine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """``LLM()`` serves the embedded default model; every EngineArgs field is a keyword."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - EngineArgs.field_names()
+        if unknown:
+            raise ValueError(f"unknown LLM arguments: {sorted(unknown)}")
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling_params for {len(prompts)} prompts"
+                )
+        # Validate everything before queueing anything, so one bad prompt rejects the call
+        # without leaving half of it in the engine.
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = str(next(self._counter))
+                self.engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except ValueError:
+            self.engine.abort_request(request_ids)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: ChatMessages | Sequence[ChatMessages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt": text, "prompt_token_ids": ids}
+            for text, ids in (
+                self.apply_chat_template(c, chat_template, add_generation_prompt)
+                for c in conversations
+            )
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(
+        self,
+        messages: ChatMessages,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> tuple[str, list[int]]:
+        return apply_chat_template(
+            self.engine.tokenizer, messages, chat_template, add_generation_prompt
+        )
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while len(finished) < len(request_ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("engine has no work but requests are unfinished")
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]
+
+
+def apply_chat_template(
+    tokenizer: Any,
+    messages: ChatMessages,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> tuple[str, list[int]]:
+    """-> (prompt text, token ids). Raises ValueError for malformed messages."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with a 'role'")
+        if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
+            raise ValueError(f"messages[{i}].role {m['role']!r} is not a known role")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; pass chat_template")
+    text = tokenizer.apply_chat_template(
+        messages,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+    )
+    # The template already holds any BOS token; don't add another.
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text, ids

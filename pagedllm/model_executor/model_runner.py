@@ -1,0 +1,108 @@
+"""ModelRunner: owns the model weights and the KV cache tensors; turns a SchedulerOutput into
+one forward pass over the whole batch and samples the next tokens. Makes no scheduling
+decisions."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
+from pagedllm.model_executor.input_batch import build_inputs
+from pagedllm.model_executor.models.hf_config import ArchConfig
+from pagedllm.model_executor.models.registry import get_model_class
+from pagedllm.model_executor.sampler import Sampler
+from pagedllm.model_executor.sampling_metadata import build_sampling_batch
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, arch: ArchConfig, dtype: str, device: torch.device) -> None:
+        self.arch = arch
+        self.dtype = TORCH_DTYPES[dtype]
+        self.device = device
+        self.model = get_model_class(arch)(arch)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.block_size: int | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def load_weights(self, weights) -> None:
+        self.model.load_weights(weights)
+        # Convert parameters only: RoPE tables stay fp32.
+        for param in self.model.parameters():
+            param.data = param.data.to(device=self.device, dtype=self.dtype)
+        for name, buf in self.model.named_buffers():
+            module_name, _, attr = name.rpartition(".")
+            self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)
+        self.model.eval()
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.arch.num_layers * block_size * self.arch.num_kv_heads * self.arch.head_dim * elt
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        shape = (num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        # Zeroed: masked-out key slots are still multiplied by 0, so they must not hold NaNs.
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.arch.num_layers)
+        ]
+        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
+            layer.kv_cache = cache
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_logits(
+        self, scheduler_output: SchedulerOutput, all_positions: bool = False
+    ) -> tuple[list[str], torch.Tensor]:
+        """Run the model; return the req ids and logits of the sampling requests (or, with
+        ``all_positions``, every scheduled token's logits in batch order: for tests)."""
+        assert self.block_size is not None, "allocate_kv_cache first"
+        inputs = build_inputs(scheduler_output.scheduled, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        if all_positions:
+            return [r.req_id for r in inputs.requests], self.model.compute_logits(hidden).float()
+        hidden = hidden.index_select(0, inputs.sample_token_index)
+        req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
+        return req_ids, self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for req_id in scheduler_output.finished_req_ids:
+            self.generators.pop(req_id, None)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(sampled={})
+        req_ids, logits = self.forward_logits(scheduler_output)
+        if not req_ids:
+            return ModelRunnerOutput(sampled={})
+        by_id = {s.req_id: s for s in scheduler_output.scheduled}
+        sampling_reqs = [by_id[r] for r in req_ids]
+        batch = build_sampling_batch(
+            sampling_reqs, self.generators, self.arch.vocab_size, self.device
+        )
+        out = self.sampler(logits, batch)
+        token_ids = out.token_ids.tolist()
+        sampled: dict[str, SampledToken] = {}
+        lp = out.logprobs.tolist() if out.logprobs is not None else None
+        ranks = out.ranks.tolist() if out.ranks is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for row, req in enumerate(sampling_reqs):
+            tok = SampledToken(token_id=token_ids[row])
+            k = req.sampling_params.logprobs
+            if k is not None and lp is not None:
+                tok.logprob, tok.rank = lp[row], ranks[row]
+                tok.top_token_ids = top_ids[row][:k] if top_ids else []
+                tok.top_logprobs = top_lps[row][:k] if top_lps else []
+            sampled[req.req_id] = tok
+        return ModelRunnerOutput(sampled=sampled)

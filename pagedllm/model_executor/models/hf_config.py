@@ -1,0 +1,70 @@
+"""ArchConfig: the architecture numbers a decoder needs, read off a transformers config
+(transformers 4.x ``rope_theta``/``rope_scaling`` and 5.x ``rope_parameters`` alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+
+
+def arch_config_from_hf(hf_config: Any) -> ArchConfig:
+    archs = getattr(hf_config, "architectures", None) or []
+    arch = archs[0] if archs else _arch_from_model_type(getattr(hf_config, "model_type", ""))
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    rope_params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_theta = rope_params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_scaling = getattr(hf_config, "rope_scaling", None)
+    if rope_params.get("rope_type", "default") != "default":
+        rope_scaling = rope_params
+    is_qwen2 = arch.startswith("Qwen2")
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    sliding_window = None
+    if getattr(hf_config, "use_sliding_window", True) is not False:
+        sliding_window = getattr(hf_config, "sliding_window", None)
+    return ArchConfig(
+        architecture=arch,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        intermediate_size=hf_config.intermediate_size,
+        vocab_size=hf_config.vocab_size,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=True if is_qwen2 else attention_bias,
+        o_bias=False if is_qwen2 else attention_bias,
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        sliding_window=sliding_window,
+    )
+
+
+def _arch_from_model_type(model_type: str) -> str:
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+        model_type, model_type
+    )

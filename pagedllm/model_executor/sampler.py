@@ -1,0 +1,114 @@
+"""Batched sampling: one pass over the [B, V] logits of every request that samples this step.
+
+Order (as vLLM v1): raw logprobs -> min_tokens ban -> penalties -> greedy argmax, or
+temperature -> min_p -> top_k/top_p -> random draw (per-request generators when seeded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Penalties:
+    presence: torch.Tensor  # [B]
+    frequency: torch.Tensor  # [B]
+    repetition: torch.Tensor  # [B]
+    output_counts: torch.Tensor  # [B, V] how often each token was generated
+    prompt_mask: torch.Tensor  # [B, V] token occurs in the prompt
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor  # [B], 0 = greedy
+    all_greedy: bool
+    top_k: torch.Tensor | None = None  # [B] int64, V where disabled
+    top_p: torch.Tensor | None = None  # [B]
+    min_p: torch.Tensor | None = None  # [B]
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator
+    penalties: Penalties | None = None
+    banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, token ids)
+    max_num_logprobs: int | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B]
+    logprobs: torch.Tensor | None = None  # [B] logprob of the sampled token
+    ranks: torch.Tensor | None = None  # [B]
+    top_ids: torch.Tensor | None = None  # [B, k]
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = None
+        if batch.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        if batch.banned or batch.penalties is not None:
+            logits = logits.clone()
+        for row, token_ids in batch.banned:
+            logits[row, token_ids] = float("-inf")
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
+
+        greedy = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            token_ids = greedy
+        else:
+            token_ids = self._random(logits, batch)
+            token_ids = torch.where(batch.temperature == 0.0, greedy, token_ids)
+        out = SamplerOutput(token_ids=token_ids)
+        if raw_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            out.ranks = (raw_logprobs > out.logprobs.unsqueeze(1)).sum(dim=-1) + 1
+            if batch.max_num_logprobs > 0:
+                out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
+        return out
+
+    def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)
+        logits = logits / temperature.unsqueeze(1)
+        if batch.min_p is not None:
+            probs = torch.softmax(logits, dim=-1)
+            threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        if batch.top_k is not None or batch.top_p is not None:
+            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential race (Gumbel-max in disguise): argmax(p / q), q ~ Exp(1). Drawing q per
+        # row from the request's own generator makes seeded requests independent of batching.
+        q = torch.empty_like(probs)
+        if len(batch.generators) < probs.shape[0]:
+            q.exponential_()
+        for row, generator in batch.generators.items():
+            q[row].exponential_(generator=generator)
+        return (probs / q).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    seen = p.prompt_mask | (p.output_counts > 0)
+    rep = p.repetition.unsqueeze(1).expand_as(logits)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - p.frequency.unsqueeze(1) * p.output_counts
+    return logits - p.presence.unsqueeze(1) * (p.output_counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (vocab - top_k).clamp(min=0).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p.unsqueeze(1)
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return sorted_logits.scatter(1, order, sorted_logits)

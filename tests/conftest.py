@@ -1,0 +1,25 @@
+"""Shared fixtures: tiny random-weight HF models (saved to disk with a real tokenizer) for fast
+tests, and the embedded SmolLM2 model for parity and end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.utils import make_tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> str:
+    from pagedllm.model_executor.loader import ensure_default_model
+
+    return ensure_default_model()

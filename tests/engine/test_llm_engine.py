@@ -1,0 +1,281 @@
+"""LLMEngine on a tiny random model: continuous batching, prefix caching, preemption, n > 1,
+seeds, stop conditions, aborts, bad input, and no leaked KV blocks after any of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.sampling_params import SamplingParams
+from tests.utils import assert_no_leak, hf_greedy, load_hf_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(model_dir: str, **kwargs) -> LLMEngine:
+    kwargs.setdefault("kv_cache_memory", 4 * 2**20)
+    return LLMEngine(EngineArgs(model=model_dir, **kwargs))
+
+
+def run_all(engine: LLMEngine) -> dict:
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def record_schedules(engine: LLMEngine) -> list:
+    seen = []
+    schedule = engine.scheduler.schedule
+
+    def wrapped():
+        out = schedule()
+        seen.append(out)
+        return out
+
+    engine.scheduler.schedule = wrapped
+    return seen
+
+
+def prompts(n: int, length: int = 20, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 320) for _ in range(length + 3 * i)] for i in range(n)]
+
+
+def test_greedy_matches_transformers_batched_and_alone(tiny_llama_dir):
+    hf = load_hf_model(tiny_llama_dir)
+    engine = make_engine(tiny_llama_dir)
+    ps = prompts(4)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, GREEDY)
+    batched = run_all(engine)
+    for i, p in enumerate(ps):
+        engine.add_request(f"alone{i}", p, GREEDY)
+        alone = run_all(engine)[f"alone{i}"]
+        assert alone.outputs[0].token_ids == batched[str(i)].outputs[0].token_ids
+        assert alone.outputs[0].token_ids == hf_greedy(hf, p, 12)
+    assert_no_leak(engine)
+
+
+def test_continuous_batching_short_request_overtakes_long_one(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_num_seqs=2)
+    engine.add_request("long", prompts(1)[0], SamplingParams(max_tokens=60, ignore_eos=True))
+    engine.step()
+    engine.add_request("short", prompts(1, seed=1)[0], SamplingParams(max_tokens=5, ignore_eos=True))
+    finished_at, long_tokens_when_short_done = {}, None
+    while engine.has_unfinished_requests():
+        outs = {o.request_id: o for o in engine.step()}
+        for out in outs.values():
+            if out.finished:
+                finished_at[out.request_id] = engine.num_steps
+        if "short" in outs and outs["short"].finished:
+            long_tokens_when_short_done = len(outs["long"].outputs[0].token_ids)
+            assert not outs["long"].finished  # the long one is still decoding
+    assert long_tokens_when_short_done is not None and long_tokens_when_short_done < 60
+    assert finished_at["short"] < finished_at["long"]
+    assert finished_at["short"] <= 1 + 5 + 1  # admitted at once, not after the long one
+    assert_no_leak(engine)
+
+
+def test_max_num_seqs_and_token_budget_are_respected(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_num_seqs=3, max_num_batched_tokens=40)
+    for i, p in enumerate(prompts(6, length=30)):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        out = engine.scheduler.schedule()
+        assert len(engine.scheduler.running) <= 3
+        assert out.num_scheduled_tokens <= 40
+        runner_out = engine.runner.execute_model(out)
+        engine.scheduler.update_from_output(out, runner_out)
+    assert_no_leak(engine)
+
+
+def test_prefix_cache_skips_shared_system_prompt(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, block_size=16)
+    system = prompts(1, length=200, seed=5)[0]
+    a, b = system + [10, 11, 12], system + [20, 21]
+    engine.add_request("a", a, GREEDY)
+    out_a = run_all(engine)["a"]
+    assert out_a.num_cached_tokens == 0
+    computed_before = engine.scheduler.kv_cache_manager.prefix_cache_stats.hits
+    engine.add_request("b", b, GREEDY)
+    out_b = run_all(engine)["b"]
+    assert out_b.num_cached_tokens == 192  # 12 full blocks of the 200-token system prompt
+    assert engine.scheduler.kv_cache_manager.prefix_cache_stats.hits - computed_before == 192
+    # same answer as an engine without prefix caching
+    cold = make_engine(tiny_llama_dir, enable_prefix_caching=False)
+    cold.add_request("b", b, GREEDY)
+    assert run_all(cold)["b"].outputs[0].token_ids == out_b.outputs[0].token_ids
+    assert_no_leak(engine)
+    assert_no_leak(cold)
+
+
+def test_counts_computed_prompt_tokens(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, block_size=16)
+    system = prompts(1, length=200, seed=5)[0]
+    schedules = record_schedules(engine)
+    computed = []
+    for suffix in ([1, 2], [3, 4]):
+        engine.add_request(str(suffix), system + suffix, GREEDY)
+        run_all(engine)
+        computed.append(schedules[-GREEDY.max_tokens].num_scheduled_tokens)
+    assert computed == [202, 202 - 192]
+
+
+def test_preemption_by_recompute_keeps_greedy_output(tiny_llama_dir):
+    ps = prompts(6, length=24)
+    ref_engine = make_engine(tiny_llama_dir)
+    for i, p in enumerate(ps):
+        ref_engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    ref = run_all(ref_engine)
+    # 20 blocks of 4 tokens: 6 requests growing to ~64+ tokens each cannot all fit
+    engine = make_engine(tiny_llama_dir, num_kv_blocks=20, block_size=4, max_model_len=80)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    got = run_all(engine)
+    assert engine.scheduler.num_preemptions_total > 0
+    for i in range(len(ps)):
+        assert got[str(i)].outputs[0].token_ids == ref[str(i)].outputs[0].token_ids
+    assert_no_leak(engine)
+
+
+def test_request_that_can_never_fit_is_rejected(tiny_llama_dir):
+    with pytest.raises(ValueError, match="max_model_len"):
+        make_engine(tiny_llama_dir, num_kv_blocks=4, block_size=4, max_model_len=64)
+    engine = make_engine(tiny_llama_dir, num_kv_blocks=16, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("x", list(range(3, 70)), GREEDY)
+    engine.add_request("ok", list(range(3, 30)), GREEDY)
+    assert run_all(engine)["ok"].finished
+    assert_no_leak(engine)
+
+
+def test_n_samples_share_prompt_blocks_and_seeds_reproduce(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, block_size=4)
+    p = prompts(1, length=40)[0]
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    engine.add_request("x", p, params)
+    schedules = record_schedules(engine)
+    out = run_all(engine)["x"]
+    # sample 0 computes the prompt; samples 1, 2 hit its (same-step) blocks
+    assert [s.num_tokens for s in schedules[0].scheduled] == [40, 4, 4]
+    texts = [tuple(c.token_ids) for c in out.outputs]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len(set(texts)) > 1  # independent samples
+    # the same seed gives the same samples, alone or in a busy batch
+    engine.add_request("y", p, params)
+    for i, q in enumerate(prompts(3, seed=9)):
+        engine.add_request(f"noise{i}", q, SamplingParams(temperature=1.0, max_tokens=10))
+    again = run_all(engine)["y"]
+    assert [tuple(c.token_ids) for c in again.outputs] == texts
+    assert_no_leak(engine)
+
+
+def test_stop_token_ids_min_tokens_and_eos(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    p = prompts(1)[0]
+    engine.add_request("free", p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    free = run_all(engine)["free"].outputs[0].token_ids
+    stop_tok = free[5]
+    first = free.index(stop_tok)
+    engine.add_request("s", p, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok]))
+    out = run_all(engine)["s"].outputs[0]
+    assert out.token_ids == free[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    # min_tokens bans stop tokens until reached
+    engine.add_request(
+        "m", p, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok], min_tokens=first + 2)
+    )
+    out = run_all(engine)["m"].outputs[0]
+    assert stop_tok not in out.token_ids[: first + 2]
+    engine.add_request("len", p, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))
+    out = run_all(engine)["len"].outputs[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    assert_no_leak(engine)
+
+
+def test_stop_strings_trim_output(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    p = prompts(1)[0]
+    engine.add_request("free", p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    text = run_all(engine)["free"].outputs[0].text
+    assert len(text) > 6
+    stop = text[3:5]
+    engine.add_request("s", p, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    out = run_all(engine)["s"].outputs[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    engine.add_request(
+        "inc", p, SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True, ignore_eos=True)
+    )
+    out = run_all(engine)["inc"].outputs[0]
+    assert out.text == text[: text.index(stop) + len(stop)]
+    assert_no_leak(engine)
+
+
+def test_abort_frees_blocks_and_others_continue(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    ps = prompts(3)
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.step()
+    aborted = engine.abort_request("1")
+    assert aborted[0].outputs[0].finish_reason == "abort"
+    done = run_all(engine)
+    assert set(done) == {"0", "2"} and all(len(o.outputs[0].token_ids) == 20 for o in done.values())
+    engine.add_request("w", ps[0], GREEDY)
+    engine.abort_request("w")  # aborted while still waiting
+    assert_no_leak(engine)
+
+
+@pytest.mark.parametrize(
+    "prompt,params,match",
+    [
+        ("", SamplingParams(), "empty"),
+        ([], SamplingParams(), "empty"),
+        ([5] * 600, SamplingParams(), "max_model_len"),
+        ([1, 2, 99999], SamplingParams(), "out of range"),
+        (3.5, SamplingParams(), "prompt must be"),
+    ],
+)
+def test_bad_prompts_raise_and_engine_keeps_serving(tiny_llama_dir, prompt, params, match):
+    engine = make_engine(tiny_llama_dir)
+    engine.add_request("good", prompts(1)[0], GREEDY)
+    with pytest.raises(ValueError, match=match):
+        engine.add_request("bad", prompt, params)
+    assert run_all(engine)["good"].finished
+    assert_no_leak(engine)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"top_k": -3}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_duplicate_request_id_rejected(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    engine.add_request("a", prompts(1)[0], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", prompts(1)[0], GREEDY)
+    run_all(engine)
+    assert_no_leak(engine)
