@@ -23,3 +23,21 @@ def default_gguf() -> str:
     from pagedllm.model_executor.loader import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smol_llm(default_gguf):
+    """The embedded default model, loaded once for the whole session (fp32)."""
+    from pagedllm import LLM
+
+    return LLM(default_gguf, kv_cache_memory=256 * 2**20, max_model_len=2048)
+
+
+@pytest.fixture(scope="session")
+def smol_hf(default_gguf):
+    """transformers' own GGUF loader on the same file: the reference for parity."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    d, f = os.path.split(default_gguf)
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()

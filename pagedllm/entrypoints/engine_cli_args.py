@@ -1,0 +1,56 @@
+"""Command-line flags generated from EngineArgs' fields, so the CLI and the Python API never
+drift apart (vLLM's spelling: --max-model-len, --max-num-seqs, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from pagedllm.config import SUPPORTED_DTYPES, EngineArgs
+
+HELP = {
+    "model": "Hugging Face directory, .gguf file or hub repo id (default: embedded SmolLM2-135M-Instruct)",
+    "tokenizer": "tokenizer directory or repo id (default: the model's own, or the GGUF's metadata)",
+    "revision": "hub revision (branch, tag or commit) when --model is a repo id",
+    "dtype": f"weight and activation dtype: {', '.join(SUPPORTED_DTYPES)} (auto = float32)",
+    "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's limit)",
+    "max_num_seqs": "most sequences decoded together in one step",
+    "max_num_batched_tokens": "most tokens (prefill + decode) in one step (default 2048)",
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_memory": "KV-cache budget in bytes on CPU (default 2 GiB, or env PAGEDLLM_KV_CACHE_MEMORY)",
+    "gpu_memory_utilization": "fraction of GPU memory for weights + KV cache (CUDA only)",
+    "num_kv_blocks": "exact number of KV blocks (overrides the memory budget; for tests)",
+    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes across requests",
+    "enable_chunked_prefill": "split long prompts across steps under the token budget",
+    "seed": "global random seed (per-request seeds come with each request)",
+    "device": "cpu or cuda (default: cuda when available)",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    for f in dataclasses.fields(EngineArgs):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = HELP.get(f.name, "")
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
+            continue
+        kind: Any = str
+        if "int" in str(f.type):
+            kind = int
+        elif "float" in str(f.type):
+            kind = float
+        parser.add_argument(flag, type=kind, default=f.default, help=help_text + _default(f))
+
+
+def engine_args_from_namespace(ns: argparse.Namespace) -> EngineArgs:
+    names = EngineArgs.field_names()
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def _default(f: dataclasses.Field) -> str:
+    return "" if f.default is None else f" (default: {f.default})"

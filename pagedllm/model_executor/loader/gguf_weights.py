@@ -1,0 +1,127 @@
+"""Stream a GGUF file's tensors as HF-named float32 torch tensors (dequantized, q/k unpermuted)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from pagedllm.model_executor.loader.gguf_reader import open_gguf, read_metadata
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp's convert_hf_to_gguf.py interleaves the rows of q/k (rotary halves -> pairs) for these
+# architectures only; Qwen2/Qwen3 are written unpermuted.
+_PERMUTED_ARCHS = frozenset({"llama"})
+SUPPORTED_GGUF_ARCHS = frozenset({"llama", "qwen2", "qwen3"})
+
+_GLOBAL_NAMES = MappingProxyType(
+    {
+        "token_embd": "model.embed_tokens",
+        "output_norm": "model.norm",
+        "output": "lm_head",
+    }
+)
+_BLOCK_NAMES = MappingProxyType(
+    {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+)
+
+
+def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, float32 tensor) for every known tensor, one tensor in memory at a time.
+
+    The file is opened and checked now, so a bad file fails at the call, not at the first tensor.
+    """
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    arch = str(meta.get("general.architecture", ""))
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported"
+            f" (supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))})"
+        )
+    n_head = meta.get(f"{arch}.attention.head_count")
+    n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
+    return _generate(path, reader, arch in _PERMUTED_ARCHS, n_head, n_head_kv)
+
+
+def _generate(
+    path: str, reader: GGUFReader, permuted: bool, n_head: Any, n_head_kv: Any
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for tensor in reader.tensors:
+        hf_name = hf_tensor_name(tensor.name)
+        if hf_name is None:
+            logger.debug("%s: skipping GGUF tensor %s (not an HF parameter)", path, tensor.name)
+            continue
+        weights = _dequantize(path, tensor)
+        if permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+            layer = int(tensor.name.split(".")[1])
+            heads = n_head if ".attn_q." in tensor.name else n_head_kv
+            weights = unpermute_qk(weights, _per_layer(heads, layer, path, tensor.name))
+        yield hf_name, torch.from_numpy(weights)
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF parameter name of a llama.cpp tensor name, or None for tensors HF models do not have."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{kind}"
+    return None
+
+
+def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation; exactly transformers' LlamaTensorProcessor."""
+    rows = weights.shape[0]
+    w = weights.reshape(n_head, rows // n_head // 2, 2, *weights.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(2, 1).reshape(weights.shape))
+
+
+def _dequantize(path: str, tensor: ReaderTensor) -> np.ndarray:
+    """Dequantize one ReaderTensor into a writable float32 array of HF shape (rows, cols)."""
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"{path}: tensor {tensor.name} has GGML type {tensor.tensor_type.name},"
+            " which cannot be dequantized"
+        ) from err
+    shape = tuple(reversed([int(dim) for dim in tensor.shape]))
+    values = values.reshape(shape)
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    elif np.may_share_memory(values, tensor.data):
+        # F32 tensors come back as views of the read-only memory map: copy before torch owns them.
+        values = values.copy()
+    return values
+
+
+def _per_layer(value: Any, layer: int, path: str, name: str) -> int:
+    """Head counts are ints, or per-layer arrays in some GGUFs."""
+    if isinstance(value, list):
+        value = value[layer]
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{path}: no valid attention head count to unpermute {name}")
+    return value
