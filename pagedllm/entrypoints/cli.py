@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     sub.add_parser("serve", help="start the OpenAI-compatible server (see `pagedllm serve --help`)",
                    add_help=False)
+    sub.add_parser("bench", help="benchmarks: throughput, latency, serve, sweep", add_help=False)
     return parser
 
 
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from pagedllm.entrypoints.openai.api_server import main as serve_main
 
         return serve_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from pagedllm.entrypoints.bench import main as bench_main
+
+        return bench_main(argv[1:])
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
