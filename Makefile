@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	$(VENV)/bin/python -m pagedllm.model_executor.ops.build
 	$(VENV)/bin/python -c "from pagedllm.model_executor.loader import ensure_default_model as f; print(f())"
 
 serve: setup

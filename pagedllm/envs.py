@@ -18,3 +18,13 @@ def kv_cache_memory() -> int | None:
 
 def log_level() -> str:
     return os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO")
+
+
+def disable_native_ops() -> bool:
+    """Force the pure-torch kernels (for comparisons and debugging)."""
+    return os.environ.get("PAGEDLLM_DISABLE_NATIVE_OPS", "0") not in ("", "0", "false")
+
+
+def api_key() -> str | None:
+    """The server's API key (``pagedllm serve --api-key`` wins); unset or empty = no auth."""
+    return os.environ.get("PAGEDLLM_API_KEY") or None

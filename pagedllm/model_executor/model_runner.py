@@ -34,9 +34,10 @@ class ModelRunner:
     # ---- set-up --------------------------------------------------------------------------------
     def load_weights(self, weights) -> None:
         self.model.load_weights(weights)
-        # Convert parameters only: RoPE tables stay fp32.
-        for param in self.model.parameters():
-            param.data = param.data.to(device=self.device, dtype=self.dtype)
+        # Matmul weights take the engine dtype; norm weights (and RoPE tables) stay fp32.
+        for name, param in self.model.named_parameters():
+            dtype = torch.float32 if name.endswith("norm.weight") else self.dtype
+            param.data = param.data.to(device=self.device, dtype=dtype)
         for name, buf in self.model.named_buffers():
             module_name, _, attr = name.rpartition(".")
             self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)
@@ -68,7 +69,9 @@ class ModelRunner:
         """Run the model; return the req ids and logits of the sampling requests (or, with
         ``all_positions``, every scheduled token's logits in batch order: for tests)."""
         assert self.block_size is not None, "allocate_kv_cache first"
-        inputs = build_inputs(scheduler_output.scheduled, self.block_size, self.device)
+        inputs = build_inputs(
+            scheduler_output.scheduled, self.block_size, self.arch.head_dim, self.device
+        )
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
         if all_positions:
             return [r.req_id for r in inputs.requests], self.model.compute_logits(hidden).float()

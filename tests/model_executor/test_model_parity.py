@@ -53,10 +53,20 @@ def _runner(model_dir: str, num_blocks: int, block_size: int) -> ModelRunner:
     return runner
 
 
+@pytest.fixture(params=["native", "torch"])
+def attention_impl(request, monkeypatch):
+    """Run each parity case with the native decode kernel and with the pure-torch fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(
+            "pagedllm.model_executor.input_batch.use_native_decode", lambda *a: False
+        )
+    return request.param
+
+
 @pytest.mark.parametrize(
     "block_size,max_batched", [(1, 4096), (16, 4096), (5, 24)], ids=["bs1", "bs16", "bs5-chunked"]
 )
-def test_logits_match_transformers(model_dir, block_size, max_batched):
+def test_logits_match_transformers(model_dir, block_size, max_batched, attention_impl):
     torch.manual_seed(1)
     hf = load_hf_model(model_dir)
     prompt_lens = [3, 17, 40, 1]

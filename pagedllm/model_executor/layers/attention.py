@@ -1,15 +1,17 @@
-"""Paged attention in plain torch: write the step's K/V into their cache slots, then attend
-through the block tables.
+"""Paged attention: write the step's K/V into their cache slots, then attend through the block
+tables.
 
 KV cache of one layer (K and V each):
 
     [num_blocks, block_size, num_kv_heads, head_dim]
      slot s = block_id * block_size + offset   (slot_mapping holds one slot per new token)
 
-The batch is split in two groups, each one SDPA call:
-  * decode group (one query token per sequence): gather each sequence's blocks, mask by length;
-  * prefill group (several query tokens): pad queries per sequence, causal mask by position.
-Tokens arrive ordered decode group first (the model runner sorts them).
+Tokens arrive ordered decode requests first (one query each), then prefills (the model runner
+sorts them):
+  * decodes: one call of the native kernel, which reads K/V in place through the block tables
+    (fallback: gather each sequence's blocks and run one masked SDPA);
+  * prefills: one SDPA per sequence on its fresh K/V, or, when part of its context is already
+    cached (chunked prefill, prefix hit), on its gathered blocks with a bottom-right causal mask.
 """
 
 from __future__ import annotations
@@ -19,73 +21,103 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pagedllm.model_executor.ops import native_ops_available
+
 
 @dataclass
-class AttentionGroup:
-    """One SDPA call's worth of sequences."""
-
+class DecodeMetadata:
     num_tokens: int
     block_tables: torch.Tensor  # [B, max_blocks] int64
-    key_mask: torch.Tensor  # [B, 1, Q, L] bool: may query q attend key l
-    pad_valid: torch.Tensor | None  # [B*Q] bool: real (non-padding) query slots
-    max_query_len: int
+    seq_lens: torch.Tensor  # [B] int64
+    max_seq_len: int
+    key_mask: torch.Tensor | None  # [B, 1, 1, L] bool, for the torch fallback only
+
+
+@dataclass
+class PrefillSeq:
+    token_start: int  # offset of this sequence's tokens in the batch
+    num_tokens: int
+    start_pos: int  # tokens already in the cache before this step
+    block_table: torch.Tensor | None  # [num_blocks] int64, when start_pos > 0
+    key_mask: torch.Tensor | None  # [Q, L] bool, when start_pos > 0
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
-    decode: AttentionGroup | None
-    prefill: AttentionGroup | None
+    decode: DecodeMetadata | None
+    prefills: list[PrefillSeq]
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, H, D] gathered by [B, nb] -> [B, H, nb*bs, D]."""
-    b, nb = block_tables.shape
-    _, bs, h, d = cache.shape
-    return cache[block_tables].view(b, nb * bs, h, d).transpose(1, 2)
+NATIVE_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
 
-def _attend(q: torch.Tensor, k_cache, v_cache, group: AttentionGroup, scale: float):
-    """q: [B, Hq, Q, D] -> [B, Hq, Q, D]."""
-    k = _gather(k_cache, group.block_tables).to(q.dtype)
-    v = _gather(v_cache, group.block_tables).to(q.dtype)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=group.key_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-    )
+def use_native_decode(device: torch.device, head_dim: int) -> bool:
+    return device.type == "cpu" and head_dim in NATIVE_HEAD_DIMS and native_ops_available()
 
 
 def paged_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, Hq, D] (K/V of these tokens already written) -> [T, Hq, D]."""
-    num_tokens, num_heads, head_dim = q.shape
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq, D]."""
     out = torch.empty_like(q)
-    start = 0
     if meta.decode is not None:
-        g = meta.decode
-        qd = q[: g.num_tokens].unsqueeze(2)  # [B, Hq, 1, D]
-        out[: g.num_tokens] = _attend(qd, k_cache, v_cache, g, scale).squeeze(2)
-        start = g.num_tokens
-    if meta.prefill is not None:
-        g = meta.prefill
-        qp = q[start : start + g.num_tokens]
-        batch = g.block_tables.shape[0]
-        padded = qp.new_zeros(batch * g.max_query_len, num_heads, head_dim)
-        padded[g.pad_valid] = qp
-        padded = padded.view(batch, g.max_query_len, num_heads, head_dim).transpose(1, 2)
-        res = _attend(padded, k_cache, v_cache, g, scale)
-        res = res.transpose(1, 2).reshape(batch * g.max_query_len, num_heads, head_dim)
-        out[start : start + g.num_tokens] = res[g.pad_valid]
+        d = meta.decode
+        out[: d.num_tokens] = _decode(q[: d.num_tokens], k_cache, v_cache, d, scale)
+    gqa = q.shape[1] != k.shape[1]
+    for s in meta.prefills:
+        rows = slice(s.token_start, s.token_start + s.num_tokens)
+        qs = q[rows].transpose(0, 1)  # [Hq, Q, D]
+        if s.block_table is None:
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            res = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+        else:
+            ks = _gather_seq(k_cache, s.block_table).to(q.dtype)
+            vs = _gather_seq(v_cache, s.block_table).to(q.dtype)
+            res = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=s.key_mask, scale=scale, enable_gqa=gqa
+            )
+        out[rows] = res.transpose(0, 1)
     return out
+
+
+def _decode(q, k_cache, v_cache, d: DecodeMetadata, scale: float) -> torch.Tensor:
+    if d.key_mask is None:
+        return torch.ops.pagedllm.paged_attention_decode(
+            q.contiguous(), k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len
+        )
+    # Fallback: gather every sequence's blocks, mask by length, one SDPA.
+    b, nb = d.block_tables.shape
+    _, bs, h, dim = k_cache.shape
+    ks = k_cache[d.block_tables].view(b, nb * bs, h, dim).transpose(1, 2).to(q.dtype)
+    vs = v_cache[d.block_tables].view(b, nb * bs, h, dim).transpose(1, 2).to(q.dtype)
+    res = F.scaled_dot_product_attention(
+        q.unsqueeze(2), ks, vs, attn_mask=d.key_mask, scale=scale, enable_gqa=h != q.shape[1]
+    )
+    return res.squeeze(2)
+
+
+def _gather_seq(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, H, D] gathered by [nb] -> [H, nb*bs, D]."""
+    _, bs, h, d = cache.shape
+    return cache[block_table].view(-1, h, d).transpose(0, 1)

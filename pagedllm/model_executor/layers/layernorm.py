@@ -1,4 +1,4 @@
-"""RMSNorm, computed in fp32 whatever the weight dtype (as HF Llama does)."""
+"""RMSNorm, computed in fp32 whatever the activation dtype (as HF Llama does)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """NOTE: with an fp32 residual stream and fp32 weight this is HF's arithmetic exactly;
+        ``out_dtype`` casts the result for the (bf16) matmul that follows."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        out = self.weight * x.to(dtype)
+        return out if out_dtype is None else out.to(out_dtype)

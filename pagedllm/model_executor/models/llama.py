@@ -1,6 +1,10 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain torch ops.
 
 Checkpoint names map onto fused layers: q/k/v_proj -> qkv_proj, gate/up_proj -> gate_up_proj.
+
+Precision: the residual stream, norms, RoPE and logits stay fp32; only the matmuls (and the KV
+cache) use the engine dtype. In fp32 this is exactly HF's arithmetic; in bf16 it keeps the
+answers of a small model coherent where a pure-bf16 residual stream drifts.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class LlamaAttention(nn.Module):
         assert self.kv_cache is not None, "KV cache not bound"
         k_cache, v_cache = self.kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -98,8 +102,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x: the fp32 residual stream."""
+        dtype = self.mlp.down_proj.weight.dtype
+        x = x + self.self_attn(positions, self.input_layernorm(x, dtype), meta).float()
+        return x + self.mlp(self.post_attention_layernorm(x, dtype)).float()
 
 
 class LlamaModel(nn.Module):
@@ -115,7 +121,7 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).float()
         for layer in self.layers:
             x = layer(positions, x, meta)
         return self.norm(x)
@@ -137,7 +143,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """fp32 logits from the fp32 final hidden state (the lm_head may be bf16)."""
+        weight = self.lm_head.weight
+        if weight.dtype == hidden.dtype:
+            return self.lm_head(hidden)
+        return self.lm_head(hidden.to(weight.dtype)).float()
 
     def attention_layers(self) -> list[LlamaAttention]:
         return [layer.self_attn for layer in self.model.layers]
