@@ -64,9 +64,9 @@ def main() -> None:
     a = ref.chat(convs, greedy, use_tqdm=False)
     b = bf.chat(convs, greedy, use_tqdm=False)
     same_tokens, total, identical = 0, 0, 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
-        n = next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), min(len(tx), len(ty)))
+        n = next((i for i, (u, v) in enumerate(zip(tx, ty, strict=False)) if u != v), min(len(tx), len(ty)))
         same_tokens += n
         total += len(tx)
         identical += tx == ty
@@ -79,7 +79,7 @@ def main() -> None:
         "greedy_common_prefix_fraction": same_tokens / max(total, 1),
         "answers": [
             {"prompt": c, "fp32": x.outputs[0].text, "bf16": y.outputs[0].text}
-            for c, x, y in zip(CHAT_PROMPTS, a, b)
+            for c, x, y in zip(CHAT_PROMPTS, a, b, strict=False)
         ],
     }
     print(json.dumps(result, indent=2, ensure_ascii=False))

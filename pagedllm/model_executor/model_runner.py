@@ -49,12 +49,13 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        shape = (num_blocks, block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        # Zeroed: masked-out key slots are still multiplied by 0, so they must not hold NaNs.
+        h, d = self.arch.num_kv_heads, self.arch.head_dim
+        # Layouts: see layers/attention.py. Zeroed: the torch fallback multiplies masked-out
+        # slots by 0, so they must not hold NaNs.
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros((num_blocks, h, d, block_size), dtype=self.dtype, device=self.device),
+                torch.zeros((num_blocks, h, block_size, d), dtype=self.dtype, device=self.device),
             )
             for _ in range(self.arch.num_layers)
         ]

@@ -11,6 +11,7 @@ from pagedllm.model_executor.ops import native_ops_available
 
 
 def _reference(q, kc, vc, tables, lens, scale):
+    """kc, vc in the natural [num_blocks, block_size, kv_heads, head_dim] layout."""
     outs = []
     for b in range(q.shape[0]):
         n = int(lens[b])
@@ -25,7 +26,7 @@ def _reference(q, kc, vc, tables, lens, scale):
 
 @pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5)])
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5), (64, 8, 2, 32)])
 def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
     torch.manual_seed(0)
     lens = torch.tensor([1, 7, 33, 100, 64], dtype=torch.long)
@@ -36,6 +37,10 @@ def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, 
     tables = torch.randperm(num_blocks)[: 5 * nb].view(5, nb).long()
     q = torch.randn(5, heads, head_dim).to(dtype)
     scale = head_dim**-0.5
-    got = torch.ops.pagedllm.paged_attention_decode(q, kc, vc, tables, lens, scale, int(lens.max()))
+    k_layout = kc.permute(0, 2, 3, 1).contiguous()  # [NB, Hkv, D, BS]
+    v_layout = vc.permute(0, 2, 1, 3).contiguous()  # [NB, Hkv, BS, D]
+    got = torch.ops.pagedllm.paged_attention_decode(
+        q, k_layout, v_layout, tables, lens, scale, int(lens.max())
+    )
     ref = _reference(q, kc, vc, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)

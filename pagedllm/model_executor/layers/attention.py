@@ -1,9 +1,10 @@
 """Paged attention: write the step's K/V into their cache slots, then attend through the block
 tables.
 
-KV cache of one layer (K and V each):
+KV cache of one layer:
 
-    [num_blocks, block_size, num_kv_heads, head_dim]
+    K: [num_blocks, num_kv_heads, head_dim, block_size]   (transposed per block: the decode
+    V: [num_blocks, num_kv_heads, block_size, head_dim]    kernel scores a block with vector FMAs)
      slot s = block_id * block_size + offset   (slot_mapping holds one slot per new token)
 
 Tokens arrive ordered decode requests first (one query each), then prefills (the model runner
@@ -56,9 +57,11 @@ def write_kv(
     v: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+    block_size = v_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    # Both views index as [block, offset, head, dim]; the writes land in the cache tensors.
+    k_cache.permute(0, 3, 1, 2)[blocks, offsets] = k.to(k_cache.dtype)
+    v_cache.permute(0, 2, 1, 3)[blocks, offsets] = v.to(v_cache.dtype)
 
 
 NATIVE_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -92,10 +95,9 @@ def paged_attention(
                 qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
             )
         else:
-            ks = _gather_seq(k_cache, s.block_table).to(q.dtype)
-            vs = _gather_seq(v_cache, s.block_table).to(q.dtype)
+            ks, vs = gather_kv(k_cache, v_cache, s.block_table)
             res = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=s.key_mask, scale=scale, enable_gqa=gqa
+                qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=s.key_mask, scale=scale, enable_gqa=gqa
             )
         out[rows] = res.transpose(0, 1)
     return out
@@ -108,16 +110,25 @@ def _decode(q, k_cache, v_cache, d: DecodeMetadata, scale: float) -> torch.Tenso
         )
     # Fallback: gather every sequence's blocks, mask by length, one SDPA.
     b, nb = d.block_tables.shape
-    _, bs, h, dim = k_cache.shape
-    ks = k_cache[d.block_tables].view(b, nb * bs, h, dim).transpose(1, 2).to(q.dtype)
-    vs = v_cache[d.block_tables].view(b, nb * bs, h, dim).transpose(1, 2).to(q.dtype)
+    _, h, bs, dim = v_cache.shape
+    ks = k_cache[d.block_tables].permute(0, 2, 1, 4, 3).reshape(b, h, nb * bs, dim)
+    vs = v_cache[d.block_tables].transpose(1, 2).reshape(b, h, nb * bs, dim)
     res = F.scaled_dot_product_attention(
-        q.unsqueeze(2), ks, vs, attn_mask=d.key_mask, scale=scale, enable_gqa=h != q.shape[1]
+        q.unsqueeze(2),
+        ks.to(q.dtype),
+        vs.to(q.dtype),
+        attn_mask=d.key_mask,
+        scale=scale,
+        enable_gqa=h != q.shape[1],
     )
     return res.squeeze(2)
 
 
-def _gather_seq(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, H, D] gathered by [nb] -> [H, nb*bs, D]."""
-    _, bs, h, d = cache.shape
-    return cache[block_table].view(-1, h, d).transpose(0, 1)
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's blocks -> K, V as [num_kv_heads, nb * block_size, head_dim]."""
+    _, h, bs, d = v_cache.shape
+    k = k_cache[block_table].permute(1, 0, 3, 2).reshape(h, -1, d)
+    v = v_cache[block_table].transpose(0, 1).reshape(h, -1, d)
+    return k, v

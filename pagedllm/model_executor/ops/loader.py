@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "pagedllm_ops"
 SOURCES = ("paged_attention.cpp",)
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
 
 def _source_paths() -> list[str]:

@@ -1,11 +1,14 @@
 // Paged attention for CPU decode: one query token per sequence, K/V read in place from the
 // block-structured cache through the block table (no gather copy).
 //
-//   k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
-//   token j of sequence b lives at block_tables[b][j / block_size], offset j % block_size
+//   k_cache: [num_blocks, num_kv_heads, head_dim, block_size]   (K transposed per block)
+//   v_cache: [num_blocks, num_kv_heads, block_size, head_dim]
+//   token j of sequence b lives in block block_tables[b][j / block_size], slot j % block_size
 //
-// Work is split over (sequence, kv head); the G = num_heads / num_kv_heads query heads that
-// share a kv head are processed together so each K/V row is loaded once (GQA reuse).
+// With K stored transposed, the scores of a whole block are block_size-wide vector FMAs
+// (q[d] broadcast times row d of K^T): no horizontal reductions. Work is split over
+// (sequence, kv head); the G = num_heads / num_kv_heads query heads sharing a kv head are
+// processed together so each K/V element is loaded once (GQA reuse).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -18,67 +21,116 @@
 
 namespace {
 
-template <typename T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
+constexpr int kMaxGroup = 16;
+
+// exp(x) for x <= 0 (softmax after max subtraction), vectorizable: 2^(x log2 e) split into an
+// integer power (exponent bits) and a degree-6 polynomial on [0, 1); relative error ~2e-7.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.4426950408889634f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
 }
 
-template <typename T, int D>
+// BS > 0: compile-time block size (vectorizes to full registers); BS == 0: runtime.
+template <typename T, int D, int BS>
 void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
                  const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_heads,
-                 int64_t num_kv_heads, int64_t block_size, int64_t max_blocks, float scale,
+                 int64_t num_kv_heads, int64_t block_size_rt, int64_t max_blocks, float scale,
                  int64_t max_seq_len) {
+  const int64_t bs = BS > 0 ? BS : block_size_rt;
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t row_stride = num_kv_heads * D;  // between consecutive tokens in a block
-  const int64_t block_stride = block_size * row_stride;
+  const int64_t head_stride = D * bs;  // one kv head's slice of a block (K and V alike)
+  const int64_t block_stride = num_kv_heads * head_stride;
+  const int64_t max_len_padded = ((std::max<int64_t>(max_seq_len, 1) + bs - 1) / bs) * bs;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * std::max<int64_t>(max_seq_len, 1));
-    std::vector<float> qf(group * D), acc(group * D), kv(D);
+    std::vector<float> scores(group * max_len_padded);
+    std::vector<float> qf(group * D), acc(group * D), buf(std::max<int64_t>(bs, D));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
       const int64_t len = seq_lens[b];
+      const int64_t nblocks = (len + bs - 1) / bs;
       const int64_t* table = block_tables + b * max_blocks;
       for (int64_t g = 0; g < group; ++g) {
         const T* qp = q + (b * num_heads + hk * group + g) * D;
-        for (int d = 0; d < D; ++d) qf[g * D + d] = to_float(qp[d]) * scale;
+        for (int d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[d]) * scale;
       }
-      // scores = q . k_j
-      for (int64_t j = 0; j < len; ++j) {
-        const T* kp = k_cache + table[j / block_size] * block_stride +
-                      (j % block_size) * row_stride + hk * D;
-        for (int d = 0; d < D; ++d) kv[d] = to_float(kp[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * D;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int d = 0; d < D; ++d) s += qg[d] * kv[d];
-          scores[g * len + j] = s;
+      // scores[g, j] = q_g . k_j, one block (bs keys) at a time
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const T* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
+        float* __restrict s0 = scores.data() + blk * bs;
+        if constexpr (BS > 0) {
+          // Register-resident accumulators: group x BS floats.
+          float sacc[kMaxGroup][BS] = {};
+          for (int d = 0; d < D; ++d) {
+            float kf[BS];
+#pragma omp simd
+            for (int j = 0; j < BS; ++j) kf[j] = static_cast<float>(kt[d * BS + j]);
+            for (int64_t g = 0; g < group; ++g) {
+              const float qd = qf[g * D + d];
+#pragma omp simd
+              for (int j = 0; j < BS; ++j) sacc[g][j] += qd * kf[j];
+            }
+          }
+          for (int64_t g = 0; g < group; ++g)
+            std::copy(sacc[g], sacc[g] + BS, s0 + g * max_len_padded);
+        } else {
+          for (int64_t g = 0; g < group; ++g) std::fill(s0 + g * max_len_padded,
+                                                        s0 + g * max_len_padded + bs, 0.f);
+          for (int d = 0; d < D; ++d) {
+            const T* row = kt + d * bs;
+            float* kf = buf.data();
+            for (int64_t j = 0; j < bs; ++j) kf[j] = static_cast<float>(row[j]);
+            for (int64_t g = 0; g < group; ++g) {
+              const float qd = qf[g * D + d];
+              float* sg = s0 + g * max_len_padded;
+#pragma omp simd
+              for (int64_t j = 0; j < bs; ++j) sg[j] += qd * kf[j];
+            }
+          }
         }
       }
-      // softmax per head
+      // softmax over the len valid keys of each head
       for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
+        float* sg = scores.data() + g * max_len_padded;
         float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
         for (int64_t j = 0; j < len; ++j) m = std::max(m, sg[j]);
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < len; ++j) {
-          sg[j] = std::exp(sg[j] - m);
+          sg[j] = exp_nonpos(sg[j] - m);
           sum += sg[j];
         }
         const float inv = 1.f / sum;
+#pragma omp simd
         for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
       }
-      // out = sum_j p_j v_j
+      // out_g = sum_j p_gj v_j
+      float* __restrict ac = acc.data();
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < len; ++j) {
-        const T* vp = v_cache + table[j / block_size] * block_stride +
-                      (j % block_size) * row_stride + hk * D;
-        for (int d = 0; d < D; ++d) kv[d] = to_float(vp[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + j];
-          float* ag = acc.data() + g * D;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const T* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+        const int64_t n = std::min<int64_t>(bs, len - blk * bs);
+        const float* __restrict p0 = scores.data() + blk * bs;
+        for (int64_t j = 0; j < n; ++j) {
+          float vf[D];
 #pragma omp simd
-          for (int d = 0; d < D; ++d) ag[d] += p * kv[d];
+          for (int d = 0; d < D; ++d) vf[d] = static_cast<float>(vb[j * D + d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = p0[g * max_len_padded + j];
+#pragma omp simd
+            for (int d = 0; d < D; ++d) ac[g * D + d] += p * vf[d];
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -89,22 +141,38 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
   });
 }
 
+template <typename T, int D>
+void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                         const at::Tensor& seq_lens, at::Tensor& out, double scale,
+                         int64_t max_seq_len) {
+  const int64_t block_size = k_cache.size(3);
+  auto run = [&](auto bs_tag) {
+    constexpr int BS = decltype(bs_tag)::value;
+    decode_impl<T, D, BS>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                          block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                          out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), block_size,
+                          block_tables.size(1), static_cast<float>(scale), max_seq_len);
+  };
+  if (block_size == 16) {
+    run(std::integral_constant<int, 16>{});
+  } else if (block_size == 32) {
+    run(std::integral_constant<int, 32>{});
+  } else {
+    run(std::integral_constant<int, 0>{});
+  }
+}
+
 template <typename T>
-void dispatch_head_dim(int64_t head_dim, const at::Tensor& q, const at::Tensor& k_cache,
-                       const at::Tensor& v_cache, const at::Tensor& block_tables,
-                       const at::Tensor& seq_lens, at::Tensor& out, double scale,
-                       int64_t max_seq_len) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1);
-  const int64_t num_kv_heads = k_cache.size(2), block_size = k_cache.size(1);
-  const int64_t max_blocks = block_tables.size(1);
-#define PAGEDLLM_CASE(HD)                                                                     \
-  case HD:                                                                                    \
-    decode_impl<T, HD>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),         \
-                       block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),        \
-                       out.data_ptr<T>(), num_seqs, num_heads, num_kv_heads, block_size,      \
-                       max_blocks, static_cast<float>(scale), max_seq_len);                   \
+void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                       at::Tensor& out, double scale, int64_t max_seq_len) {
+#define PAGEDLLM_CASE(HD)                                                                    \
+  case HD:                                                                                   \
+    dispatch_block_size<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,      \
+                               max_seq_len);                                                 \
     break;
-  switch (head_dim) {
+  switch (q.size(2)) {
     PAGEDLLM_CASE(16)
     PAGEDLLM_CASE(32)
     PAGEDLLM_CASE(64)
@@ -113,7 +181,7 @@ void dispatch_head_dim(int64_t head_dim, const at::Tensor& q, const at::Tensor& 
     PAGEDLLM_CASE(128)
     PAGEDLLM_CASE(256)
     default:
-      TORCH_CHECK(false, "paged_attention_decode: unsupported head_dim ", head_dim);
+      TORCH_CHECK(false, "paged_attention_decode: unsupported head_dim ", q.size(2));
   }
 #undef PAGEDLLM_CASE
 }
@@ -122,28 +190,29 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale,
                                   int64_t max_seq_len) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B, H, D], cache [NB, BS, Hkv, D]");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "q [B, H, D], k_cache [NB, Hkv, D, BS], v_cache [NB, Hkv, BS, D]");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "inputs must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(3) == q.size(2), "head_dim mismatch");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and cache dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
               "block_tables and seq_lens must be int64");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(q.size(1) / k_cache.size(1) <= kMaxGroup, "too many query heads per kv head");
   auto bt = block_tables.contiguous();
   auto sl = seq_lens.contiguous();
   auto out = at::empty_like(q);
-  const int64_t head_dim = q.size(2);
   switch (q.scalar_type()) {
     case at::kFloat:
-      dispatch_head_dim<float>(head_dim, q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
+      dispatch_head_dim<float>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
       break;
     case at::kBFloat16:
-      dispatch_head_dim<c10::BFloat16>(head_dim, q, k_cache, v_cache, bt, sl, out, scale,
-                                       max_seq_len);
+      dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
       break;
     case at::kHalf:
-      dispatch_head_dim<c10::Half>(head_dim, q, k_cache, v_cache, bt, sl, out, scale,
-                                   max_seq_len);
+      dispatch_head_dim<c10::Half>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
       break;
     default:
       TORCH_CHECK(false, "paged_attention_decode: unsupported dtype ", q.scalar_type());

@@ -1,0 +1,94 @@
+"""benchmarks/hf_baselines.py and benchmarks/gemm_rate.py, run in-process on tiny inputs: the
+accounting (useful vs generated tokens, subsets) and the JSON they write."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+
+def _script(name: str):
+    path = os.path.join(REPO_ROOT, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def short_workload(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("hf") / "w.jsonl"
+    lines = [("hello world", 2), ("The quick brown fox", 5), ("paged attention", 3), ("x", 4)]
+    path.write_text("\n".join(json.dumps({"prompt": p, "output_len": n}) for p, n in lines))
+    return str(path)
+
+
+def test_hf_baselines_accounting(tiny_llama_dir, short_workload, tmp_path):
+    out = tmp_path / "hf.json"
+    rc = _script("hf_baselines").main(
+        [
+            "--model",
+            tiny_llama_dir,
+            "--dataset",
+            short_workload,
+            "--limit",
+            "3",
+            "--batch-size",
+            "2",
+            "--output-json",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["subset"] == {"first_n": 3, "limit": 3}
+    seq, static = result["modes"]["sequential"], result["modes"]["static"]
+    assert seq["useful_output_tokens"] == static["useful_output_tokens"] == 2 + 5 + 3
+    assert seq["generated_tokens"] == 10
+    # Batches [2, 5] and [3]: the first runs 5 steps for both members.
+    assert static["generated_tokens"] == 5 * 2 + 3
+    assert seq["prompt_tokens"] == static["prompt_tokens"] > 0
+    assert static["output_tokens_per_s"] == static["useful_output_tokens"] / static["elapsed_s"]
+
+
+def test_hf_baselines_bad_dataset_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "output_len": -2}\n')
+    assert _script("hf_baselines").main(["--dataset", str(bad)]) == 2
+    assert f"{bad}:1:" in capsys.readouterr().err
+
+
+def test_gemm_rate_smoke(tmp_path):
+    out = tmp_path / "gemm.json"
+    rc = _script("gemm_rate").main(
+        [
+            "--rows",
+            "16",
+            "--square",
+            "64",
+            "--dtypes",
+            "float32",
+            "--repeats",
+            "2",
+            "--min-time",
+            "0.005",
+            "--output-json",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["shape"] for r in result["results"]] == [
+        "[16x576]@[576x1536]",
+        "[16x1536]@[1536x576]",
+        "[64]^3 square",
+    ]
+    assert result["peak_gflops"]["float32"] > 0
+    assert result["smollm2_ceiling_tokens_per_s"]["float32"] > 0
