@@ -66,7 +66,10 @@ def main() -> None:
     same_tokens, total, identical = 0, 0, 0
     for x, y in zip(a, b, strict=False):
         tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
-        n = next((i for i, (u, v) in enumerate(zip(tx, ty, strict=False)) if u != v), min(len(tx), len(ty)))
+        n = next(
+            (i for i, (u, v) in enumerate(zip(tx, ty, strict=False)) if u != v),
+            min(len(tx), len(ty)),
+        )
         same_tokens += n
         total += len(tx)
         identical += tx == ty

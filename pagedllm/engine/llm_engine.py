@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from pagedllm.config import ModelConfig, SchedulerConfig
-from pagedllm.config import EngineArgs, default_kv_cache_memory
+from pagedllm.config import EngineArgs, ModelConfig, SchedulerConfig, default_kv_cache_memory
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
@@ -44,9 +43,7 @@ class LLMEngine:
         hf_config = load_hf_config(source)
         self.tokenizer = load_tokenizer(source, args.tokenizer)
         arch = arch_config_from_hf(hf_config)
-        self.device = torch.device(
-            args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         max_model_len = _max_model_len(args.max_model_len, arch)
         self.model_config = ModelConfig(
             model=source.model,
@@ -69,7 +66,9 @@ class LLMEngine:
             )
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
         kv_mib = num_blocks * self.runner.kv_bytes_per_block(args.block_size) / 2**20
-        logger.info("# KV blocks: %d (block size %d, %.1f MiB)", num_blocks, args.block_size, kv_mib)
+        logger.info(
+            "# KV blocks: %d (block size %d, %.1f MiB)", num_blocks, args.block_size, kv_mib
+        )
         logger.info(
             "Maximum concurrency for %d tokens per request: %.2fx",
             max_model_len,
@@ -90,7 +89,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps = 0
-        logger.info("engine ready in %.1f s (model %s, %s)", time.perf_counter() - t0, source.model, args.dtype)
+        logger.info(
+            "engine ready in %.1f s (model %s, %s)",
+            time.perf_counter() - t0,
+            source.model,
+            args.dtype,
+        )
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -242,7 +246,10 @@ def _max_model_len(requested: int | None, arch: Any) -> int:
 
 def _eos_token_ids(hf_config: Any, tokenizer: Any) -> list[int]:
     ids: set[int] = set()
-    for source in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for source in (
+        getattr(hf_config, "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):

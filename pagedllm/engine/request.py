@@ -34,7 +34,8 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """Token-level state. The scheduler only reasons about ``num_computed_tokens`` vs ``num_tokens``.
+    """Token-level state: the scheduler reasons only about ``num_computed_tokens`` and
+    ``num_tokens``.
 
     NOTE: ``num_computed_tokens <= num_tokens`` always; a request needs a sample once its
     computed tokens reach ``num_tokens`` (every prompt token, and every output token but the

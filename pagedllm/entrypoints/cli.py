@@ -24,7 +24,9 @@ def _generate(ns: argparse.Namespace) -> int:
         seed=ns.sampling_seed,
     )
     if ns.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in ns.prompts], params, use_tqdm=False)
+        outs = llm.chat(
+            [[{"role": "user", "content": p}] for p in ns.prompts], params, use_tqdm=False
+        )
     else:
         outs = llm.generate(ns.prompts, params, use_tqdm=False)
     for out in outs:
@@ -44,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
-    sub.add_parser("serve", help="start the OpenAI-compatible server (see `pagedllm serve --help`)",
-                   add_help=False)
+    sub.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server (see `pagedllm serve --help`)",
+        add_help=False,
+    )
     sub.add_parser("bench", help="benchmarks: throughput, latency, serve, sweep", add_help=False)
     return parser
 

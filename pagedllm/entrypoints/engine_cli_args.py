@@ -10,15 +10,18 @@ from typing import Any
 from pagedllm.config import SUPPORTED_DTYPES, EngineArgs
 
 HELP = {
-    "model": "Hugging Face directory, .gguf file or hub repo id (default: embedded SmolLM2-135M-Instruct)",
-    "tokenizer": "tokenizer directory or repo id (default: the model's own, or the GGUF's metadata)",
+    "model": "Hugging Face directory, .gguf file or hub repo id "
+    "(default: embedded SmolLM2-135M-Instruct)",
+    "tokenizer": "tokenizer directory or repo id "
+    "(default: the model's own, or the GGUF's metadata)",
     "revision": "hub revision (branch, tag or commit) when --model is a repo id",
     "dtype": f"weight and activation dtype: {', '.join(SUPPORTED_DTYPES)} (auto = float32)",
     "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's limit)",
     "max_num_seqs": "most sequences decoded together in one step",
     "max_num_batched_tokens": "most tokens (prefill + decode) in one step (default 2048)",
     "block_size": "tokens per KV-cache block",
-    "kv_cache_memory": "KV-cache budget in bytes on CPU (default 2 GiB, or env PAGEDLLM_KV_CACHE_MEMORY)",
+    "kv_cache_memory": "KV-cache budget in bytes on CPU "
+    "(default 2 GiB, or env PAGEDLLM_KV_CACHE_MEMORY)",
     "gpu_memory_utilization": "fraction of GPU memory for weights + KV cache (CUDA only)",
     "num_kv_blocks": "exact number of KV blocks (overrides the memory budget; for tests)",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes across requests",

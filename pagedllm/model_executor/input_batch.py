@@ -62,7 +62,11 @@ def build_inputs(
     decode = None
     if num_decodes:
         decode = _decode_meta(
-            table[:num_decodes], seq_lens[:num_decodes], block_size, to, use_native_decode(device, head_dim)
+            table[:num_decodes],
+            seq_lens[:num_decodes],
+            block_size,
+            to,
+            use_native_decode(device, head_dim),
         )
     prefills = [
         _prefill_seq(

@@ -8,12 +8,12 @@ import logging
 
 import torch
 
-from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
 from pagedllm.model_executor.input_batch import build_inputs
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.sampler import Sampler
 from pagedllm.model_executor.sampling_metadata import build_sampling_batch
+from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,14 @@ class ModelRunner:
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         elt = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.arch.num_layers * block_size * self.arch.num_kv_heads * self.arch.head_dim * elt
+        return (
+            2
+            * self.arch.num_layers
+            * block_size
+            * self.arch.num_kv_heads
+            * self.arch.head_dim
+            * elt
+        )
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.scheduler_output import ScheduledRequest
 from pagedllm.model_executor.sampler import Penalties, SamplingBatch
+from pagedllm.scheduler_output import ScheduledRequest
 
 
 def build_sampling_batch(

@@ -66,7 +66,9 @@ def test_continuous_batching_short_request_overtakes_long_one(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir, max_num_seqs=2)
     engine.add_request("long", prompts(1)[0], SamplingParams(max_tokens=60, ignore_eos=True))
     engine.step()
-    engine.add_request("short", prompts(1, seed=1)[0], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request(
+        "short", prompts(1, seed=1)[0], SamplingParams(max_tokens=5, ignore_eos=True)
+    )
     finished_at, long_tokens_when_short_done = {}, None
     while engine.has_unfinished_requests():
         outs = {o.request_id: o for o in engine.step()}
@@ -131,7 +133,9 @@ def test_preemption_by_recompute_keeps_greedy_output(tiny_llama_dir):
     ps = prompts(6, length=24)
     ref_engine = make_engine(tiny_llama_dir)
     for i, p in enumerate(ps):
-        ref_engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        ref_engine.add_request(
+            str(i), p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        )
     ref = run_all(ref_engine)
     # 20 blocks of 4 tokens: 6 requests growing to ~64+ tokens each cannot all fit
     engine = make_engine(tiny_llama_dir, num_kv_blocks=20, block_size=4, max_model_len=80)
@@ -183,13 +187,19 @@ def test_stop_token_ids_min_tokens_and_eos(tiny_llama_dir):
     free = run_all(engine)["free"].outputs[0].token_ids
     stop_tok = free[5]
     first = free.index(stop_tok)
-    engine.add_request("s", p, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok]))
+    engine.add_request(
+        "s", p, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok])
+    )
     out = run_all(engine)["s"].outputs[0]
     assert out.token_ids == free[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop_tok
     # min_tokens bans stop tokens until reached
     engine.add_request(
-        "m", p, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok], min_tokens=first + 2)
+        "m",
+        p,
+        SamplingParams(
+            temperature=0, max_tokens=30, stop_token_ids=[stop_tok], min_tokens=first + 2
+        ),
     )
     out = run_all(engine)["m"].outputs[0]
     assert stop_tok not in out.token_ids[: first + 2]
@@ -206,12 +216,22 @@ def test_stop_strings_trim_output(tiny_llama_dir):
     text = run_all(engine)["free"].outputs[0].text
     assert len(text) > 6
     stop = text[3:5]
-    engine.add_request("s", p, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    engine.add_request(
+        "s", p, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True)
+    )
     out = run_all(engine)["s"].outputs[0]
     assert out.text == text[: text.index(stop)]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     engine.add_request(
-        "inc", p, SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True, ignore_eos=True)
+        "inc",
+        p,
+        SamplingParams(
+            temperature=0,
+            max_tokens=30,
+            stop=[stop],
+            include_stop_str_in_output=True,
+            ignore_eos=True,
+        ),
     )
     out = run_all(engine)["inc"].outputs[0]
     assert out.text == text[: text.index(stop) + len(stop)]

@@ -35,7 +35,9 @@ def _greedy(n=NUM_TOKENS, **kw):
 
 
 def test_greedy_batched_matches_transformers(smol_llm, chat_ids, hf_outputs):
-    outs = smol_llm.generate([{"prompt_token_ids": ids} for ids in chat_ids], _greedy(), use_tqdm=False)
+    outs = smol_llm.generate(
+        [{"prompt_token_ids": ids} for ids in chat_ids], _greedy(), use_tqdm=False
+    )
     for out, ref in zip(outs, hf_outputs):
         assert out.outputs[0].token_ids == ref
     assert_no_leak(smol_llm.engine)

@@ -108,6 +108,7 @@ def test_logits_match_transformers(model_dir, block_size, max_batched, attention
         mine = torch.stack([got[p] for p in range(req.num_tokens - 1)])
         torch.testing.assert_close(mine, ref[: req.num_tokens - 1], rtol=1e-4, atol=1e-4)
         # greedy tokens chosen from our logits are transformers' greedy tokens
-        assert req.output_token_ids == ref[req.num_prompt_tokens - 1 :].argmax(-1).tolist()[
-            : num_decode_steps
-        ]
+        assert (
+            req.output_token_ids
+            == ref[req.num_prompt_tokens - 1 :].argmax(-1).tolist()[:num_decode_steps]
+        )

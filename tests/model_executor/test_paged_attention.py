@@ -26,7 +26,10 @@ def _reference(q, kc, vc, tables, lens, scale):
 
 @pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5), (64, 8, 2, 32)])
+@pytest.mark.parametrize(
+    "head_dim,heads,kv_heads,block_size",
+    [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5), (64, 8, 2, 32)],
+)
 def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
     torch.manual_seed(0)
     lens = torch.tensor([1, 7, 33, 100, 64], dtype=torch.long)

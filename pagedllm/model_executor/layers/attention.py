@@ -97,7 +97,12 @@ def paged_attention(
         else:
             ks, vs = gather_kv(k_cache, v_cache, s.block_table)
             res = F.scaled_dot_product_attention(
-                qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=s.key_mask, scale=scale, enable_gqa=gqa
+                qs,
+                ks.to(q.dtype),
+                vs.to(q.dtype),
+                attn_mask=s.key_mask,
+                scale=scale,
+                enable_gqa=gqa,
             )
         out[rows] = res.transpose(0, 1)
     return out

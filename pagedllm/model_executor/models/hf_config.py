@@ -65,6 +65,8 @@ def arch_config_from_hf(hf_config: Any) -> ArchConfig:
 
 
 def _arch_from_model_type(model_type: str) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-        model_type, model_type
-    )
+    return {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }.get(model_type, model_type)
