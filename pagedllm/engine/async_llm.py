@@ -1,0 +1,352 @@
+"""AsyncLLM: the LLMEngine driven by one background thread, with an asyncio front.
+
+LLMEngine is not thread-safe, so exactly one worker thread builds it and calls every one of its
+methods. The asyncio side never touches the engine: it puts commands (add, abort, stop) on a
+thread-safe queue that the worker applies between steps, and the worker hands outputs back with
+``loop.call_soon_threadsafe``. A forward pass therefore never blocks the event loop.
+
+    event loop (HTTP)                       worker thread (owns LLMEngine)
+    add_request() --_Add-->  queue  ------> apply commands, step(), stats
+    RequestStream  <-- call_soon_threadsafe -- cumulative RequestOutputs / errors
+
+Each request's outputs reach its consumer through a ``RequestStream`` (request_stream.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.engine.request_stream import RequestStream
+from pagedllm.engine.scheduler import SchedulerStats
+from pagedllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+WARMUP_REQUEST_ID = "__pagedllm_warmup__"
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed (while loading or in a step); it serves no more requests."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The engine is still loading the model."""
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front end may read about the loaded engine without touching it."""
+
+    model: str
+    max_model_len: int
+    vocab_size: int
+    # NOTE: a private copy of the engine's tokenizer, so the front end never shares the (not
+    # thread-safe) tokenizer object the worker thread decodes with.
+    tokenizer: Any
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    arrival_time: float
+    stream: RequestStream
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str] = field(default_factory=list)
+    all: bool = False
+
+
+@dataclass
+class _Stop:
+    pass
+
+
+_Command = _Add | _Abort | _Stop
+
+
+class AsyncLLM:
+    """``start()`` from a running event loop; then ``generate()`` / ``add_request()``."""
+
+    def __init__(
+        self,
+        args: EngineArgs,
+        stat_loggers: Sequence[StatLogger] = (),
+        engine_factory: Callable[[EngineArgs], LLMEngine] = LLMEngine,
+    ) -> None:
+        self.args = args
+        self.stat_loggers = list(stat_loggers)
+        self._engine_factory = engine_factory
+        self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self.state = EngineState.LOADING
+        self.error: BaseException | None = None
+        self._info: EngineInfo | None = None
+        # Latest scheduler snapshot; replaced (never mutated) by the worker.
+        self.stats: SchedulerStats | None = None
+        # NOTE: worker-thread only: the streams of requests the engine is running.
+        self._streams: dict[str, RequestStream] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("AsyncLLM already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        self._thread.start()
+
+    def wait_until_ready(self, timeout: float | None = None) -> bool:
+        """Block (not from the event loop) until the engine is loaded or has failed."""
+        return self._ready.wait(timeout)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what is still running and stop the worker (blocks up to ``timeout``)."""
+        if self._thread is None:
+            return
+        self._queue.put(_Stop())
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("engine thread did not stop within %.1f s", timeout)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == EngineState.READY
+
+    @property
+    def failed_to_load(self) -> bool:
+        return self.state == EngineState.FAILED and self._info is None
+
+    @property
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            if self.state == EngineState.FAILED:
+                raise EngineDeadError(f"engine failed to load: {self.error}")
+            raise EngineNotReadyError("the model is still loading")
+        return self._info
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue a request and wait until the engine accepted it. Raises ValueError for bad input
+        (nothing is queued then), EngineNotReadyError / EngineDeadError if it cannot serve."""
+        self._check_alive()
+        stream = RequestStream(request_id, self.abort)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._queue.put(_Add(request_id, prompt, params, arrival, stream))
+        try:
+            await stream.accepted
+        except BaseException:
+            stream.abort()  # no-op if it was rejected; aborts it if we were cancelled meanwhile
+            raise
+        return stream
+
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's ``AsyncLLM.generate``: cumulative outputs until the request finishes. Closing
+        the iterator early (or cancelling its consumer) aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str | list[str]) -> None:
+        """Thread-safe and non-blocking; the worker frees the KV blocks before its next step."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self._queue.put(_Abort(ids))
+
+    def abort_all(self) -> None:
+        self._queue.put(_Abort(all=True))
+
+    def _check_alive(self) -> None:
+        if self.state == EngineState.READY:
+            return
+        if self.state == EngineState.LOADING:
+            raise EngineNotReadyError("the model is still loading")
+        raise EngineDeadError(f"the engine is not running ({self.state.value}): {self.error}")
+
+    # ---- the worker thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            engine = self._engine_factory(self.args)
+            _warm_up(engine)
+            tokenizer = _private_copy(engine.tokenizer)
+            self._info = EngineInfo(
+                model=engine.model_config.model,
+                max_model_len=engine.max_model_len,
+                vocab_size=engine.model_config.vocab_size,
+                tokenizer=tokenizer,
+            )
+        except BaseException as exc:
+            logger.exception("engine failed to load")
+            self._fail(exc)
+            self._ready.set()
+            self._serve_dead()
+            return
+        self.state = EngineState.READY
+        self._ready.set()
+        self._record(engine, IterationStats())
+        self._loop_forever(engine)
+
+    def _loop_forever(self, engine: LLMEngine) -> None:
+        tracker = RequestStatsTracker()
+        while True:
+            deliveries: list[tuple[Callable[..., None], Any]] = []
+            try:
+                stop = self._iterate(engine, tracker, deliveries)
+            except BaseException as exc:
+                logger.exception("engine loop failed; failing all requests")
+                self._deliver(
+                    deliveries
+                )  # answers adds taken this iteration (put_* are idempotent)
+                self._fail(exc)
+                self._serve_dead()
+                return
+            if stop:
+                self.state = EngineState.STOPPED
+                return
+
+    def _iterate(
+        self,
+        engine: LLMEngine,
+        tracker: RequestStatsTracker,
+        deliveries: list[tuple[Callable[..., None], Any]],
+    ) -> bool:
+        """One iteration: apply queued commands, run one step if there is work, hand the outputs
+        to their streams, record stats. -> whether a stop was requested."""
+        outputs: list[RequestOutput] = []
+        stop = False
+        for cmd in self._next_commands(block=not engine.has_unfinished_requests()):
+            if isinstance(cmd, _Stop):
+                stop = True
+            elif isinstance(cmd, _Add):
+                error = self._apply_add(engine, cmd, tracker)
+                deliveries.append((cmd.stream.put_accepted, error))
+            else:
+                ids = list(self._streams) if cmd.all else cmd.request_ids
+                outputs.extend(engine.abort_request(ids))
+        if stop:
+            outputs.extend(engine.abort_request(list(self._streams)))
+        elif engine.has_unfinished_requests():
+            outputs.extend(engine.step())
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            deliveries.append((stream.put, out))
+            if out.finished:
+                del self._streams[out.request_id]
+        self._deliver(deliveries)
+        self._record(engine, tracker.update(outputs, time.monotonic()))
+        return stop
+
+    def _apply_add(
+        self, engine: LLMEngine, cmd: _Add, tracker: RequestStatsTracker
+    ) -> BaseException | None:
+        try:
+            engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time)
+        except ValueError as exc:
+            return exc
+        except Exception as exc:  # a bug, not a user mistake: report it, keep serving
+            logger.exception("add_request failed")
+            return RuntimeError(f"add_request failed: {exc}")
+        self._streams[cmd.request_id] = cmd.stream
+        tracker.add(cmd.request_id, cmd.arrival_time)
+        return None
+
+    def _next_commands(self, block: bool) -> list[_Command]:
+        cmds: list[_Command] = []
+        if block:
+            cmds.append(self._queue.get())
+        while True:
+            try:
+                cmds.append(self._queue.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _serve_dead(self) -> None:
+        """After a failure: reject every new request until told to stop."""
+        while True:
+            cmd = self._queue.get()
+            if isinstance(cmd, _Stop):
+                return
+            if isinstance(cmd, _Add):
+                self._deliver([(cmd.stream.put_error, EngineDeadError(str(self.error)))])
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.state = EngineState.FAILED
+        error = EngineDeadError(f"engine failed: {exc}")
+        self._deliver([(s.put_error, error) for s in self._streams.values()])
+        self._streams.clear()
+
+    def _deliver(self, deliveries: list[tuple[Callable[..., None], Any]]) -> None:
+        if not deliveries or self._loop is None:
+            return
+
+        def run() -> None:
+            for callback, arg in deliveries:
+                callback(arg)
+
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
+
+    def _record(self, engine: LLMEngine, iteration: IterationStats) -> None:
+        stats = engine.get_stats()
+        self.stats = stats
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.record(stats, iteration)
+            except Exception:
+                logger.exception("stat logger %r failed", stat_logger)
+
+
+def _warm_up(engine: LLMEngine) -> None:
+    """One tiny greedy request, so the first real request pays no one-time costs."""
+    prompt = engine.tokenizer.encode("Hello") or [0]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    engine.add_request(WARMUP_REQUEST_ID, prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def _private_copy(tokenizer: Any) -> Any:
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # an exotic tokenizer that cannot be copied: share it (reads are safe)
+        logger.warning("could not copy the tokenizer; sharing it with the engine thread")
+        return tokenizer

@@ -1,0 +1,249 @@
+"""The OpenAI-compatible HTTP server: ``build_app`` (the FastAPI app and its routes),
+``build_server`` (app + engine + bound socket) and ``main`` (``pagedllm serve``,
+``python -m pagedllm.entrypoints.openai.api_server``).
+
+All per-server state lives on ``app.state`` (engine, servings, metrics, drain state); the module
+holds none, so tests can run several servers in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm import __version__, envs
+from pagedllm.config import EngineArgs
+from pagedllm.engine.async_llm import AsyncLLM, EngineState
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.openai.cli_args import (
+    ServerConfig,
+    config_from_namespace,
+    make_arg_parser,
+)
+from pagedllm.entrypoints.openai.errors import OpenAIError, error_response, install_error_handlers
+from pagedllm.entrypoints.openai.launcher import (
+    FINAL_FLUSH_TIMEOUT_S,
+    GracefulServer,
+    bind_socket,
+    socket_url,
+)
+from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
+from pagedllm.entrypoints.openai.middleware import (
+    APIKeyAuth,
+    BodySizeLimit,
+    RequestGate,
+    ServerState,
+)
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagedllm.entrypoints.openai.serving import cancel_on_disconnect
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat, messages_to_dicts
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+async def health(raw_request: Request) -> Response:
+    state = raw_request.app.state
+    engine: AsyncLLM = state.engine
+    if engine.state in (EngineState.FAILED, EngineState.STOPPED):
+        reason = f"it failed: {engine.error}" if engine.error is not None else "it has stopped"
+        return error_response(f"the engine is not running: {reason}", 500, code="engine_dead")
+    if state.server.draining:
+        return error_response("the server is shutting down", 503, code="shutting_down")
+    if not engine.is_ready:
+        return error_response("the model is still loading", 503, code="model_loading")
+    return Response(status_code=200)
+
+
+async def version() -> JSONResponse:
+    return JSONResponse({"version": __version__})
+
+
+async def metrics(raw_request: Request) -> Response:
+    body, content_type = raw_request.app.state.stat_logger.render()
+    return Response(body, media_type=content_type)
+
+
+def _model_card(raw_request: Request) -> ModelCard:
+    state = raw_request.app.state
+    info = state.engine.info
+    return ModelCard(
+        id=state.config.served_model_name, root=info.model, max_model_len=info.max_model_len
+    )
+
+
+async def list_models(raw_request: Request) -> JSONResponse:
+    return JSONResponse(ModelList(data=[_model_card(raw_request)]).model_dump())
+
+
+async def retrieve_model(model_id: str, raw_request: Request) -> JSONResponse:
+    card = _model_card(raw_request)
+    if model_id != card.id:
+        raise OpenAIError(
+            f"the model `{model_id}` does not exist", 404, param="model", code="model_not_found"
+        )
+    return JSONResponse(card.model_dump())
+
+
+async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+    serving: OpenAIServingCompletion = raw_request.app.state.completion
+    return await cancel_on_disconnect(raw_request, serving.create(request))
+
+
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+    serving: OpenAIServingChat = raw_request.app.state.chat
+    return await cancel_on_disconnect(raw_request, serving.create(request))
+
+
+async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:
+    state = raw_request.app.state
+    state.chat.check_model(request.model)
+    tokenizer: AsyncTokenizer = state.tokenizer
+    if (request.prompt is None) == (request.messages is None):
+        raise OpenAIError("give exactly one of prompt and messages", param="prompt")
+    if request.messages is not None:
+        add_generation_prompt = request.add_generation_prompt is not False
+        _, tokens = await tokenizer.apply_chat_template(
+            messages_to_dicts(request.messages), add_generation_prompt
+        )
+    else:
+        assert request.prompt is not None
+        tokens = await tokenizer.encode(request.prompt, request.add_special_tokens is not False)
+    token_strs = (
+        await tokenizer.convert_ids_to_tokens(tokens) if request.return_token_strs else None
+    )
+    response = TokenizeResponse(
+        count=len(tokens),
+        max_model_len=state.engine.info.max_model_len,
+        tokens=tokens,
+        token_strs=token_strs,
+    )
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+async def detokenize(request: DetokenizeRequest, raw_request: Request) -> JSONResponse:
+    state = raw_request.app.state
+    state.chat.check_model(request.model)
+    prompt = await state.tokenizer.decode(request.tokens)
+    return JSONResponse(DetokenizeResponse(prompt=prompt).model_dump())
+
+
+def build_router() -> APIRouter:
+    """The routes; their handlers find everything they need on ``request.app.state``."""
+    router = APIRouter()
+    router.add_api_route("/health", health, methods=["GET"])
+    router.add_api_route("/version", version, methods=["GET"])
+    router.add_api_route("/metrics", metrics, methods=["GET"])
+    router.add_api_route("/v1/models", list_models, methods=["GET"])
+    router.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
+    router.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    router.add_api_route("/tokenize", tokenize, methods=["POST"])
+    router.add_api_route("/detokenize", detokenize, methods=["POST"])
+    return router
+
+
+def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusStatLogger) -> FastAPI:
+    """The FastAPI app over a not-yet-started AsyncLLM; its lifespan starts and stops it."""
+    tokenizer = AsyncTokenizer(engine, config.chat_template)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+            tokenizer.shutdown()
+
+    app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app.include_router(build_router())
+    install_error_handlers(app)
+    state = ServerState()
+    app.state.config = config
+    app.state.engine = engine
+    app.state.server = state
+    app.state.stat_logger = stat_logger
+    app.state.tokenizer = tokenizer
+    app.state.completion = OpenAIServingCompletion(engine, tokenizer, config.served_model_name)
+    app.state.chat = OpenAIServingChat(engine, tokenizer, config.served_model_name)
+    # Added innermost first: a request meets the gate, then auth, then the body limit.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    app.add_middleware(
+        RequestGate, state=state, is_loading=lambda: engine.state == EngineState.LOADING
+    )
+    return app
+
+
+def build_server(
+    config: ServerConfig,
+    engine_args: EngineArgs,
+    engine_factory: Callable[[EngineArgs], LLMEngine] = LLMEngine,
+) -> tuple[GracefulServer, socket.socket]:
+    """-> (server, bound socket): ``server.run(sockets=[sock])`` serves until shut down.
+    ``engine_factory`` builds the LLMEngine on the worker thread (tests inject failures)."""
+    stat_logger = PrometheusStatLogger(config.served_model_name)
+    engine = AsyncLLM(engine_args, stat_loggers=[stat_logger], engine_factory=engine_factory)
+    app = build_app(engine, config, stat_logger)
+    sock = bind_socket(config.host, config.port)
+    url = socket_url(sock)
+    uvicorn_config = uvicorn.Config(
+        app,
+        log_level=config.uvicorn_log_level,
+        access_log=config.access_log,
+        timeout_graceful_shutdown=FINAL_FLUSH_TIMEOUT_S,
+        lifespan="on",
+    )
+    server = GracefulServer(
+        uvicorn_config,
+        engine=engine,
+        state=app.state.server,
+        url=url,
+        served_model_name=config.served_model_name,
+        shutdown_timeout=config.shutdown_timeout,
+    )
+    return server, sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = make_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=envs.log_level(), format="%(levelname)s %(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        config, engine_args = config_from_namespace(ns)
+        server, sock = build_server(config, engine_args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logger.info(
+        "listening on %s; loading model %s (/health answers 503 until it is ready)",
+        server.url,
+        engine_args.model or config.served_model_name,
+    )
+    server.run(sockets=[sock])
+    return server.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``pagedllm serve`` flags: the server's own (vLLM's names) plus every engine flag, generated
+from EngineArgs; ``ServerConfig`` is what the server runs with once the flags are checked."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from pagedllm import envs
+from pagedllm.config import EngineArgs
+from pagedllm.entrypoints.engine_cli_args import add_engine_args, engine_args_from_namespace
+from pagedllm.model_executor.loader import DEFAULT_MODEL_NAME
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    chat_template: str | None = None  # the template text, not its path
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    uvicorn_log_level: str = "info"
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty")
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedllm serve",
+        description="Start the OpenAI-compatible HTTP server (see docs/server.md).",
+    )
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="model to serve (same as --model); default: the embedded SmolLM2-135M-Instruct",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on; 127.0.0.1 keeps the server local (vLLM's default is "
+        "0.0.0.0: pass it explicitly to accept remote clients) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="TCP port, 0 = any free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize and /detokenize "
+        "(default: env PAGEDLLM_API_KEY; unset = no authentication)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name in the API (the 'model' field); default: the MODEL argument, or "
+        f"{DEFAULT_MODEL_NAME} for the default model",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="file with a Jinja chat template that replaces the model's own (an inline "
+        "template string is accepted too)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest request body in bytes; larger ones get HTTP 413 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        help="seconds SIGTERM/SIGINT waits for in-flight requests before aborting them "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--uvicorn-log-level",
+        default="info",
+        choices=UVICORN_LOG_LEVELS,
+        help="log level of uvicorn's own loggers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--disable-uvicorn-access-log",
+        action="store_true",
+        help="do not log one line per HTTP request",
+    )
+    engine = parser.add_argument_group("engine", "engine options (EngineArgs fields)")
+    add_engine_args(engine)  # type: ignore[arg-type]
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineArgs]:
+    """Check the flags; raises ValueError (or OSError for an unreadable template file)."""
+    if ns.model_tag is not None and ns.model is not None and ns.model_tag != ns.model:
+        raise ValueError(f"model given twice: {ns.model_tag!r} and --model {ns.model!r}")
+    ns.model = ns.model_tag if ns.model_tag is not None else ns.model
+    engine_args = engine_args_from_namespace(ns)
+    server = ServerConfig(
+        served_model_name=ns.served_model_name or ns.model or DEFAULT_MODEL_NAME,
+        host=ns.host,
+        port=ns.port,
+        api_key=ns.api_key if ns.api_key is not None else envs.api_key(),
+        chat_template=load_chat_template(ns.chat_template),
+        max_request_bytes=ns.max_request_bytes,
+        shutdown_timeout=ns.shutdown_timeout,
+        uvicorn_log_level=ns.uvicorn_log_level,
+        access_log=not ns.disable_uvicorn_access_log,
+    )
+    return server, engine_args
+
+
+def load_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template: no such file: {value!r}")

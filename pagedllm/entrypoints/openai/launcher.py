@@ -1,0 +1,107 @@
+"""GracefulServer: uvicorn's Server with pagedllm's start-up report and graceful drain.
+
+On the first SIGTERM/SIGINT the server keeps its socket open but answers new requests (and
+/health) with 503, waits for in-flight requests (streams included) to finish, for at most
+``shutdown_timeout`` seconds, then aborts what is left, stops the engine and exits 0. A second
+signal stops waiting: it aborts in-flight requests at once.
+
+    signal -> draining (503s) -> in-flight == 0 or timeout -> abort rest -> uvicorn shutdown
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.middleware import ServerState
+
+logger = logging.getLogger(__name__)
+
+# Once drained (or aborted), how long uvicorn may take to flush responses and close connections.
+FINAL_FLUSH_TIMEOUT_S = 5
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        engine: AsyncLLM,
+        state: ServerState,
+        url: str,
+        served_model_name: str,
+        shutdown_timeout: float,
+    ) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.state = state
+        self.url = url
+        self.served_model_name = served_model_name
+        self.shutdown_timeout = shutdown_timeout
+        self.exit_code = 0
+        self._drain_deadline: float | None = None
+        self._announced_ready = False
+        self._num_signals = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # NOTE: runs in a signal handler; it only sets flags (and SimpleQueue.put is reentrant).
+        # Unlike uvicorn's, it does not re-raise the signal after shutdown: a drain exits 0.
+        self._num_signals += 1
+        if self._num_signals == 1:
+            self.begin_drain()
+        elif self._num_signals == 2:
+            self.engine.abort_all()
+            self.should_exit = True
+        else:
+            self.force_exit = True
+
+    def begin_drain(self) -> None:
+        """Stop taking requests; exit once in-flight ones finish (callable from any thread)."""
+        self.state.draining = True
+        self._drain_deadline = time.monotonic() + self.shutdown_timeout
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.failed_to_load:
+            logger.error("the engine failed to load: %s", self.engine.error)
+            self.exit_code = 1
+            return True
+        if self.engine.is_ready and not self._announced_ready:
+            self._announced_ready = True
+            logger.info("serving %s on %s", self.served_model_name, self.url)
+        if self._drain_deadline is not None and not self.should_exit:
+            if self.state.num_inflight == 0:
+                logger.info("drained: no request in flight")
+                self.should_exit = True
+            elif time.monotonic() >= self._drain_deadline:
+                logger.warning(
+                    "shutdown timeout: aborting %d in-flight request(s)", self.state.num_inflight
+                )
+                self.engine.abort_all()
+                self.should_exit = True
+            elif counter % 10 == 0:
+                logger.info("draining: %d request(s) in flight", self.state.num_inflight)
+        return await super().on_tick(counter)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before the model loads, so the port is taken (or the error shown) at once and
+    /health can answer 503 while loading."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

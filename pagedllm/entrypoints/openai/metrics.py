@@ -1,0 +1,189 @@
+"""PrometheusStatLogger: the engine's stats as vLLM's metrics under the ``pagedllm:`` prefix.
+
+NOTE: the only module that imports prometheus_client. Each server app owns one logger with its
+own CollectorRegistry (never the global one), so several apps in one process (tests) do not
+collide. ``record`` runs on the engine's worker thread; prometheus_client metrics are
+thread-safe, and ``render`` runs on the event loop for GET /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from pagedllm.engine.scheduler import SchedulerStats
+from pagedllm.engine.stats import IterationStats
+
+# vLLM's buckets.
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+TPOT_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+E2E_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class PrometheusStatLogger:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge(
+            "pagedllm:num_requests_running", "Number of requests in the running batch."
+        )
+        self.num_requests_waiting = gauge(
+            "pagedllm:num_requests_waiting", "Number of requests waiting to be scheduled."
+        )
+        self.kv_cache_usage = gauge(
+            "pagedllm:kv_cache_usage_perc",
+            "KV-cache usage: 1 means 100 percent (blocks only the prefix cache keeps are free).",
+        )
+        self.prompt_tokens = counter(
+            "pagedllm:prompt_tokens", "Number of prefill tokens processed."
+        )
+        self.generation_tokens = counter(
+            "pagedllm:generation_tokens", "Number of generation tokens processed."
+        )
+        self.num_preemptions = counter(
+            "pagedllm:num_preemptions", "Cumulative number of preemptions by the scheduler."
+        )
+        self.prefix_cache_queries = counter(
+            "pagedllm:prefix_cache_queries", "Prefix-cache queries, in tokens."
+        )
+        self.prefix_cache_hits = counter(
+            "pagedllm:prefix_cache_hits", "Prefix-cache hits, in tokens."
+        )
+        success = Counter(
+            "pagedllm:request_success",
+            "Count of finished requests, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.request_success = {
+            reason: success.labels(model_name, reason) for reason in FINISH_REASONS
+        }
+        self.time_to_first_token = histogram(
+            "pagedllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS,
+        )
+        self.time_per_output_token = histogram(
+            "pagedllm:time_per_output_token_seconds",
+            "Histogram of the mean time per output token (after the first) of each request.",
+            TPOT_BUCKETS,
+        )
+        self.e2e_request_latency = histogram(
+            "pagedllm:e2e_request_latency_seconds",
+            "Histogram of end-to-end request latency in seconds.",
+            E2E_BUCKETS,
+        )
+        # The scheduler reports running totals; counters advance by the difference.
+        self._last: SchedulerStats | None = None
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
+        s = scheduler_stats
+        self.num_requests_running.set(s.num_running)
+        self.num_requests_waiting.set(s.num_waiting)
+        self.kv_cache_usage.set(s.kv_cache_usage)
+        last = self._last
+        if last is not None:
+            self.num_preemptions.inc(max(0, s.num_preemptions_total - last.num_preemptions_total))
+            self.prefix_cache_queries.inc(
+                max(0, s.prefix_cache_queries - last.prefix_cache_queries)
+            )
+            self.prefix_cache_hits.inc(max(0, s.prefix_cache_hits - last.prefix_cache_hits))
+        self._last = s
+        it = iteration_stats
+        self.prompt_tokens.inc(it.num_prompt_tokens)
+        self.generation_tokens.inc(it.num_generation_tokens)
+        for ttft in it.time_to_first_tokens:
+            self.time_to_first_token.observe(ttft)
+        for req in it.finished_requests:
+            counter = self.request_success.get(req.finish_reason)
+            if counter is not None:
+                counter.inc()
+            self.e2e_request_latency.observe(req.e2e_latency)
+            if req.time_per_output_token is not None:
+                self.time_per_output_token.observe(req.time_per_output_token)
+
+    def render(self) -> tuple[bytes, str]:
+        """-> (Prometheus text exposition, its content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

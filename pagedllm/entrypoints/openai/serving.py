@@ -1,0 +1,269 @@
+"""What /v1/completions and /v1/chat/completions share: model-name and length checks, building
+SamplingParams from a request, adding prompts to the engine, merging their output streams, and
+server-sent events whose request is aborted the moment the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.request_stream import RequestStream
+from pagedllm.entrypoints.openai.errors import OpenAIError, error_body, to_openai_error
+from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
+from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class PromptInput:
+    text: str | None
+    token_ids: list[int]
+
+    def engine_prompt(self) -> dict:
+        return {"prompt_token_ids": self.token_ids, "prompt": self.text}
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    """An error in the middle of a stream (the 200 status is already sent): one error event."""
+    err = to_openai_error(exc)
+    return sse(json.dumps(error_body(err.message, err.status_code, err.param, err.code)))
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, tokenizer: AsyncTokenizer, served_model_name: str) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.served_model_name = served_model_name
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise OpenAIError(
+                f"the model `{model}` does not exist; this server serves "
+                f"`{self.served_model_name}`",
+                400,
+                param="model",
+                code="model_not_found",
+            )
+
+    def base_params(
+        self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        """Validate the sampling fields (ValueError -> 400) before any tokenization work."""
+        n = 1 if req.n is None else req.n
+        if not 1 <= n <= MAX_N:
+            raise OpenAIError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
+        if req.logit_bias:
+            raise OpenAIError("logit_bias is not supported", param="logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise OpenAIError(
+                "stream_options is only allowed with stream=true", param="stream_options"
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise OpenAIError(
+                f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens"
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise OpenAIError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        # NOTE: values the engine would only trip over inside a step (killing the engine for
+        # every request) are rejected here: seeds beyond int64, stop tokens outside the vocab.
+        if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+            raise OpenAIError("seed must fit in a signed 64-bit integer", param="seed")
+        vocab_size = self.engine.info.vocab_size
+        bad_ids = [t for t in req.stop_token_ids or [] if not 0 <= t < vocab_size]
+        if bad_ids:
+            raise OpenAIError(
+                f"stop_token_ids out of range [0, {vocab_size}): {bad_ids[:5]}",
+                param="stop_token_ids",
+            )
+        if req.temperature is not None and req.temperature > 2.0:
+            raise OpenAIError(
+                f"temperature must be in [0, 2], got {req.temperature}", param="temperature"
+            )
+
+        def given(value, default):
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                n=n,
+                temperature=given(req.temperature, 1.0),
+                top_p=given(req.top_p, 1.0),
+                top_k=req.top_k,
+                min_p=given(req.min_p, 0.0),
+                seed=req.seed,
+                presence_penalty=given(req.presence_penalty, 0.0),
+                frequency_penalty=given(req.frequency_penalty, 0.0),
+                repetition_penalty=given(req.repetition_penalty, 1.0),
+                max_tokens=max_tokens,
+                min_tokens=given(req.min_tokens, 0),
+                stop=stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=given(req.ignore_eos, False),
+                include_stop_str_in_output=given(req.include_stop_str_in_output, False),
+                logprobs=logprobs,
+                skip_special_tokens=given(req.skip_special_tokens, True),
+            )
+        except ValueError as exc:
+            raise OpenAIError(str(exc), param=_param_of(str(exc))) from exc
+
+    def params_for_prompt(
+        self, base: SamplingParams, requested_max_tokens: int | None, num_prompt_tokens: int
+    ) -> SamplingParams:
+        """Fix max_tokens for one prompt: 400 when prompt + max_tokens exceeds max_model_len."""
+        max_model_len = self.engine.info.max_model_len
+        if num_prompt_tokens == 0:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        if requested_max_tokens is None:
+            max_tokens = max_model_len - num_prompt_tokens
+            if max_tokens < 1:
+                raise self._too_long(num_prompt_tokens, 1, max_model_len)
+        else:
+            max_tokens = requested_max_tokens
+            if num_prompt_tokens + max_tokens > max_model_len:
+                raise self._too_long(num_prompt_tokens, max_tokens, max_model_len)
+        try:
+            return dataclasses.replace(base, max_tokens=max_tokens)
+        except ValueError as exc:  # e.g. min_tokens above the derived max_tokens
+            raise OpenAIError(str(exc), param=_param_of(str(exc))) from exc
+
+    @staticmethod
+    def _too_long(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> OpenAIError:
+        return OpenAIError(
+            f"this model's maximum context length is {max_model_len} tokens, but you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion); shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+    async def add_prompts(
+        self, request_id: str, prompts: list[PromptInput], params: list[SamplingParams]
+    ) -> list[RequestStream]:
+        """Add every prompt (concurrently: one engine round trip); all or nothing."""
+        ids = [
+            request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
+        ]
+        results = await asyncio.gather(
+            *(
+                self.engine.add_request(rid, p.engine_prompt(), sp)
+                for rid, p, sp in zip(ids, prompts, params, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        streams = [r for r in results if isinstance(r, RequestStream)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for stream in streams:
+                stream.abort()
+            raise errors[0]
+        return streams
+
+
+def _param_of(message: str) -> str | None:
+    """SamplingParams' messages start with the field name ("top_p must be ...")."""
+    head = message.split(" ", 1)[0]
+    return head if head.isidentifier() else None
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as (stream index, output); aborts all on exit."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].abort()
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def cancel_on_disconnect(raw_request: Request, handler: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it (which aborts its engine requests) if the client hangs up
+    first. Streaming responses return at once and guard themselves (see SSEResponse)."""
+    task = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        disconnected = not task.done() and not watcher.cancelled() and watcher.exception() is None
+        if disconnected:
+            task.cancel()
+            # The client is gone; nobody reads this (499: nginx's "client closed request").
+            return Response(status_code=499)
+        return await task
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always closes its generator, so a client that hangs
+    up mid-stream has its requests aborted (and KV blocks freed) at once, not at GC time."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache"})
+        self._generator = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._generator, "aclose", None)
+            if aclose is not None:
+                await aclose()

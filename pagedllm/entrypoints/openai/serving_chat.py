@@ -1,0 +1,200 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template (or
+``--chat-template``), answered whole or as ``chat.completion.chunk`` deltas: a first chunk with
+``role: assistant`` per choice, content deltas, ``finish_reason`` in each choice's last chunk,
+an optional usage chunk, then ``data: [DONE]``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.engine.request_stream import RequestStream
+from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.entrypoints.openai.logprobs import chat_logprobs
+from pagedllm.entrypoints.openai.protocol import (
+    MAX_LOGPROBS,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    make_usage,
+)
+from pagedllm.entrypoints.openai.serving import (
+    SSE_DONE,
+    OpenAIServing,
+    PromptInput,
+    SSEResponse,
+    merge_streams,
+    random_id,
+    sse,
+    sse_error,
+)
+from pagedllm.outputs import CompletionOutput
+
+
+def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create(self, req: ChatCompletionRequest) -> Response:
+        self.check_model(req.model)
+        num_top = self._check(req)
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
+        )
+        base = self.base_params(req, max_tokens, num_top)
+        add_generation_prompt = req.add_generation_prompt is not False
+        text, ids = await self.tokenizer.apply_chat_template(
+            messages_to_dicts(req.messages), add_generation_prompt
+        )
+        params = self.params_for_prompt(base, max_tokens, len(ids))
+        request_id = random_id("chatcmpl")
+        [stream] = await self.add_prompts(request_id, [PromptInput(text, ids)], [params])
+        created = int(time.time())
+        if req.stream:
+            return SSEResponse(self._stream(req, request_id, created, stream, num_top))
+        return await self._full(request_id, created, stream, num_top)
+
+    @staticmethod
+    def _check(req: ChatCompletionRequest) -> int | None:
+        """Validate chat-only fields; -> the number of top logprobs to ask for (None: none)."""
+        if not req.messages:
+            raise OpenAIError("messages must be a non-empty list", param="messages")
+        if req.tools:
+            raise OpenAIError("tool calling is not supported", param="tools")
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
+            if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+                raise OpenAIError(
+                    f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
+                    param="top_logprobs",
+                )
+        if not req.logprobs:
+            return None
+        return req.top_logprobs or 0
+
+    async def _full(
+        self, request_id: str, created: int, stream: RequestStream, num_top: int | None
+    ) -> Response:
+        final = None
+        async for _, out in merge_streams([stream]):
+            final = out
+        assert final is not None
+        choices = []
+        for c in final.outputs:
+            logprobs = None
+            if num_top is not None and c.logprobs is not None:
+                logprobs = ChatLogprobs(content=chat_logprobs(c.token_ids, c.logprobs, num_top))
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content=c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        num_completion = sum(len(c.token_ids) for c in final.outputs)
+        response = ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=self.served_model_name,
+            choices=choices,
+            usage=make_usage(len(final.prompt_token_ids), num_completion),
+        )
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def _stream(
+        self,
+        req: ChatCompletionRequest,
+        request_id: str,
+        created: int,
+        stream: RequestStream,
+        num_top: int | None,
+    ) -> AsyncIterator[str]:
+        include_usage = req.stream_options is not None and bool(req.stream_options.include_usage)
+
+        def chunk(choices: list[ChatStreamChoice], usage=None) -> str:
+            body = ChatCompletionChunk(
+                id=request_id,
+                created=created,
+                model=self.served_model_name,
+                choices=choices,
+                usage=usage,
+            )
+            return sse(_chunk_json(body, include_usage))
+
+        n = 1 if req.n is None else req.n
+        num_chars, num_tokens, finished = [0] * n, [0] * n, [False] * n
+        num_prompt = 0
+        try:
+            for i in range(n):
+                yield chunk(
+                    [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
+                )
+            async for _, out in merge_streams([stream]):
+                num_prompt = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    i = c.index
+                    if finished[i]:
+                        continue
+                    text, new_ids = c.text[num_chars[i] :], c.token_ids[num_tokens[i] :]
+                    if not text and c.finish_reason is None and (num_top is None or not new_ids):
+                        continue
+                    choice = ChatStreamChoice(
+                        index=i,
+                        delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                        logprobs=self._delta_logprobs(c, num_tokens[i], num_top),
+                        finish_reason=c.finish_reason,
+                    )
+                    num_chars[i], num_tokens[i] = len(c.text), len(c.token_ids)
+                    finished[i] = c.finish_reason is not None
+                    yield chunk([choice])
+            if include_usage:
+                yield chunk([], make_usage(num_prompt, sum(num_tokens)))
+        except Exception as exc:
+            yield sse_error(exc)
+        finally:
+            # NOTE: also runs when the response closes this generator at a yield (the client
+            # hung up), where merge_streams' own cleanup would wait for garbage collection.
+            stream.abort()
+        yield SSE_DONE
+
+    @staticmethod
+    def _delta_logprobs(
+        c: CompletionOutput, start: int, num_top: int | None
+    ) -> ChatLogprobs | None:
+        if num_top is None or c.logprobs is None:
+            return None
+        ids = c.token_ids[start:]
+        return ChatLogprobs(
+            content=chat_logprobs(ids, c.logprobs[start : len(c.token_ids)], num_top)
+        )
+
+
+def _chunk_json(chunk: ChatCompletionChunk, include_usage: bool) -> str:
+    """OpenAI's chunk shape: a delta carries only the keys it sets; ``usage`` appears only when
+    the client asked for it (null until the final usage chunk)."""
+    data = chunk.model_dump(mode="json")
+    for choice in data["choices"]:
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+    if not include_usage:
+        data.pop("usage", None)
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
