@@ -204,6 +204,11 @@ class LLMEngine:
         return text, ids
 
     def _finalize_params(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be below the vocabulary size {vocab}")
+        if params.seed is not None and params.n > 1 and params.seed + params.n > 2**63:
+            raise ValueError("seed + n must fit in 64 bits")
         params = params.clone()
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - num_prompt_tokens)

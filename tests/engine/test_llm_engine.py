@@ -262,6 +262,7 @@ def test_abort_frees_blocks_and_others_continue(tiny_llama_dir):
         ([5] * 600, SamplingParams(), "max_model_len"),
         ([1, 2, 99999], SamplingParams(), "out of range"),
         (3.5, SamplingParams(), "prompt must be"),
+        ([5, 6], SamplingParams(stop_token_ids=[400]), "stop_token_ids"),
     ],
 )
 def test_bad_prompts_raise_and_engine_keeps_serving(tiny_llama_dir, prompt, params, match):
@@ -285,6 +286,8 @@ def test_bad_prompts_raise_and_engine_keeps_serving(tiny_llama_dir, prompt, para
         ({"min_p": 2.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"seed": 2**70}, "seed"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):
