@@ -9,6 +9,7 @@ import logging
 import torch
 
 from pagedllm.model_executor.input_batch import build_inputs
+from pagedllm.model_executor.layers.linear import pack_linear_weights
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.sampler import Sampler
@@ -38,6 +39,9 @@ class ModelRunner:
         for name, param in self.model.named_parameters():
             dtype = torch.float32 if name.endswith("norm.weight") else self.dtype
             param.data = param.data.to(device=self.device, dtype=dtype)
+        for layer in self.model.model.layers:
+            layer.compute_dtype = self.dtype
+        pack_linear_weights(self.model)
         for name, buf in self.model.named_buffers():
             module_name, _, attr = name.rpartition(".")
             self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)

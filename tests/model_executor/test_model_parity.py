@@ -55,11 +55,15 @@ def _runner(model_dir: str, num_blocks: int, block_size: int) -> ModelRunner:
 
 @pytest.fixture(params=["native", "torch"])
 def attention_impl(request, monkeypatch):
-    """Run each parity case with the native decode kernel and with the pure-torch fallback."""
+    """Run each parity case with the native kernels and with the pure-torch fallbacks."""
     if request.param == "torch":
         monkeypatch.setattr(
             "pagedllm.model_executor.input_batch.use_native_decode", lambda *a: False
         )
+        for module in ("layernorm", "rotary_embedding", "activation", "attention"):
+            monkeypatch.setattr(
+                f"pagedllm.model_executor.layers.{module}.use_native", lambda *a: False
+            )
     return request.param
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model_executor.ops import native_ops_available
+from pagedllm.model_executor.ops import native_ops_available, use_native
 
 
 @dataclass
@@ -57,6 +57,9 @@ def write_kv(
     v: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
+    if use_native(k) and k.dtype == k_cache.dtype:
+        torch.ops.pagedllm.reshape_and_cache(k, v, k_cache, v_cache, slots)
+        return
     block_size = v_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
     # Both views index as [block, offset, head, dim]; the writes land in the cache tensors.

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from pagedllm.model_executor.ops import use_native
+
 
 def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (
@@ -54,7 +56,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]."""
+        """q: [T, Hq, D], k: [T, Hk, D]; the native kernel rotates them in place."""
+        if use_native(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            torch.ops.pagedllm.rotary_embedding(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.model_executor.layers.activation import silu_and_mul
 from pagedllm.model_executor.layers.attention import AttentionMetadata, paged_attention, write_kv
 from pagedllm.model_executor.layers.layernorm import RMSNorm
+from pagedllm.model_executor.layers.linear import Linear
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.models.hf_config import ArchConfig
 
@@ -30,7 +31,7 @@ PACKED_MODULES = {
 }
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(Linear):
     """A linear layer whose output rows are several checkpoint tensors stacked (shards)."""
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
@@ -57,7 +58,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = FusedLinear(
             cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.rotary = rotary
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
 
@@ -84,11 +85,10 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = FusedLinear(
             cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias
         )
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -98,14 +98,26 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.compute_dtype = torch.float32  # the matmul dtype, set by the model runner
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """x: the fp32 residual stream."""
-        dtype = self.mlp.down_proj.weight.dtype
-        x = x + self.self_attn(positions, self.input_layernorm(x, dtype), meta).float()
-        return x + self.mlp(self.post_attention_layernorm(x, dtype)).float()
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous layer's MLP output (or, first layer, the fp32 embeddings);
+        residual: the fp32 residual stream, updated in place. -> (MLP output, residual)."""
+        dtype = self.compute_dtype
+        if residual is None:
+            residual = hidden
+            h = self.input_layernorm(residual, dtype)
+        else:
+            h = self.input_layernorm.add_and_norm(residual, hidden, dtype)
+        attn = self.self_attn(positions, h, meta)
+        h = self.post_attention_layernorm.add_and_norm(residual, attn, dtype)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -121,10 +133,10 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids).float()
+        hidden, residual = self.embed_tokens(input_ids).float(), None
         for layer in self.layers:
-            x = layer(positions, x, meta)
-        return self.norm(x)
+            hidden, residual = layer(positions, hidden, residual, meta)
+        return self.norm.add_and_norm(residual, hidden, torch.float32)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -132,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

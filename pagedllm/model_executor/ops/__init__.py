@@ -5,6 +5,14 @@ runs it), never silently at the first request. At run time ``native_ops_availabl
 if a build matching this source, torch and CPU exists; otherwise callers use the torch path.
 """
 
+import torch
+
 from pagedllm.model_executor.ops.loader import native_ops_available
 
-__all__ = ["native_ops_available"]
+
+def use_native(t: torch.Tensor) -> bool:
+    """Whether the native CPU kernels can take this tensor."""
+    return t.device.type == "cpu" and native_ops_available()
+
+
+__all__ = ["native_ops_available", "use_native"]

@@ -15,7 +15,7 @@ from pagedllm import envs
 logger = logging.getLogger(__name__)
 
 NAME = "pagedllm_ops"
-SOURCES = ("paged_attention.cpp",)
+SOURCES = ("paged_attention.cpp", "fused_ops.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
 
