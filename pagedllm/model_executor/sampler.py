@@ -55,7 +55,7 @@ class Sampler:
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
 
-        greedy = logits.argmax(dim=-1)
+        greedy = logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
         if batch.all_greedy:
             token_ids = greedy
         else:

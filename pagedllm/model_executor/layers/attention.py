@@ -91,23 +91,25 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     for s in meta.prefills:
         rows = slice(s.token_start, s.token_start + s.num_tokens)
-        qs = q[rows].transpose(0, 1)  # [Hq, Q, D]
+        # NOTE: 4-D inputs: torch's CPU flash-attention kernel takes them (3-D ones fall back to
+        # the unfused math path, ~10x slower).
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
         if s.block_table is None:
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            res = F.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
-            )
+            mask, causal = None, True
         else:
             ks, vs = gather_kv(k_cache, v_cache, s.block_table)
-            res = F.scaled_dot_product_attention(
-                qs,
-                ks.to(q.dtype),
-                vs.to(q.dtype),
-                attn_mask=s.key_mask,
-                scale=scale,
-                enable_gqa=gqa,
-            )
-        out[rows] = res.transpose(0, 1)
+            mask, causal = s.key_mask, False
+        res = F.scaled_dot_product_attention(
+            qs,
+            ks.to(q.dtype).unsqueeze(0),
+            vs.to(q.dtype).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[rows] = res[0].transpose(0, 1)
     return out
 
 

@@ -16,6 +16,25 @@
 
 namespace {
 
+// Conversions the compiler can vectorize (c10's bf16 rounding has a NaN branch that blocks it).
+// Round-to-nearest-even; inputs here are finite activations.
+inline float load_f(float x) { return x; }
+inline float load_f(c10::BFloat16 x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
+}
+inline float load_f(c10::Half x) { return static_cast<float>(x); }
+inline float load_f(double x) { return static_cast<float>(x); }
+template <typename T>
+inline T store_f(float f) {
+  return static_cast<T>(f);
+}
+template <>
+inline c10::BFloat16 store_f<c10::BFloat16>(float f) {
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(u >> 16), c10::BFloat16::from_bits());
+}
+
 template <typename T>
 inline void norm_row(const float* x, const float* w, float eps, int64_t n, T* out) {
   float ss = 0.f;
@@ -23,13 +42,13 @@ inline void norm_row(const float* x, const float* w, float eps, int64_t n, T* ou
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w[i] * (x[i] * inv));
+  for (int64_t i = 0; i < n; ++i) out[i] = store_f<T>(w[i] * (x[i] * inv));
 }
 
 template <typename D, typename T>
 inline void add_norm_row(float* x, const D* d, const float* w, float eps, int64_t n, T* out) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] += static_cast<float>(d[i]);
+  for (int64_t i = 0; i < n; ++i) x[i] += load_f(d[i]);
   norm_row(x, w, eps, n, out);
 }
 
@@ -69,13 +88,42 @@ void fused_add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
   });
 }
 
+// exp(x), vectorizable: 2^(x log2 e) as exponent bits times a degree-6 polynomial on [0, 1);
+// relative error ~2e-7 over the clamped range.
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.4426950408889634f;
+  const int32_t ti = static_cast<int32_t>(t);
+  const int32_t ii = ti - (t < static_cast<float>(ti) ? 1 : 0);  // floor, vectorizable
+  const float f = t - static_cast<float>(ii);
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (ii + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+template <typename T>
+inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gv = load_f(g[i]);
+    o[i] = store_f<T>(gv / (1.f + exp_approx(-gv)) * load_f(u[i]));
+  }
+}
+
 template <typename T>
 inline void rotate_head(T* x, const float* cos, const float* sin, int64_t half) {
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
-    x[i] = static_cast<T>(x1 * cos[i] - x2 * sin[i]);
-    x[i + half] = static_cast<T>(x2 * cos[i] + x1 * sin[i]);
+    const float x1 = load_f(x[i]), x2 = load_f(x[i + half]);
+    x[i] = store_f<T>(x1 * cos[i] - x2 * sin[i]);
+    x[i + half] = store_f<T>(x2 * cos[i] + x1 * sin[i]);
   }
 }
 
@@ -117,13 +165,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        const scalar_t* g = xp + r * 2 * n;
-        const scalar_t* u = g + n;
-        scalar_t* o = op + r * n;
-        for (int64_t i = 0; i < n; ++i) {
-          const float gv = static_cast<float>(g[i]);
-          o[i] = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)) * static_cast<float>(u[i]));
-        }
+        silu_mul_row(xp + r * 2 * n, xp + r * 2 * n + n, op + r * n, n);
       }
     });
   });

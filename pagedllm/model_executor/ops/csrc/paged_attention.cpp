@@ -23,13 +23,21 @@ namespace {
 
 constexpr int kMaxGroup = 16;
 
+inline float load_f(float x) { return x; }
+inline float load_f(c10::BFloat16 x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
+}
+inline float load_f(c10::Half x) { return static_cast<float>(x); }
+
 // exp(x) for x <= 0 (softmax after max subtraction), vectorizable: 2^(x log2 e) split into an
 // integer power (exponent bits) and a degree-6 polynomial on [0, 1); relative error ~2e-7.
 inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.4426950408889634f;
-  const float fi = std::floor(t);
-  const float f = t - fi;
+  const int32_t ti = static_cast<int32_t>(t);
+  const int32_t ii = ti - (t < static_cast<float>(ti) ? 1 : 0);  // floor, vectorizable
+  const float f = t - static_cast<float>(ii);
   float p = 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
@@ -37,18 +45,19 @@ inline float exp_nonpos(float x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
+  const int32_t bits = (ii + 127) << 23;
   return p * __builtin_bit_cast(float, bits);
 }
 
 // BS > 0: compile-time block size (vectorizes to full registers); BS == 0: runtime.
-template <typename T, int D, int BS>
+// G > 0: compile-time query heads per kv head (accumulators stay in registers); 0: runtime.
+template <typename T, int D, int BS, int G>
 void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
                  const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_heads,
                  int64_t num_kv_heads, int64_t block_size_rt, int64_t max_blocks, float scale,
                  int64_t max_seq_len) {
   const int64_t bs = BS > 0 ? BS : block_size_rt;
-  const int64_t group = num_heads / num_kv_heads;
+  const int64_t group = G > 0 ? G : num_heads / num_kv_heads;
   const int64_t head_stride = D * bs;  // one kv head's slice of a block (K and V alike)
   const int64_t block_stride = num_kv_heads * head_stride;
   const int64_t max_len_padded = ((std::max<int64_t>(max_seq_len, 1) + bs - 1) / bs) * bs;
@@ -70,11 +79,12 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         float* __restrict s0 = scores.data() + blk * bs;
         if constexpr (BS > 0) {
           // Register-resident accumulators: group x BS floats.
-          float sacc[kMaxGroup][BS] = {};
+          constexpr int kRows = G > 0 ? G : kMaxGroup;
+          float sacc[kRows][BS] = {};
           for (int d = 0; d < D; ++d) {
             float kf[BS];
 #pragma omp simd
-            for (int j = 0; j < BS; ++j) kf[j] = static_cast<float>(kt[d * BS + j]);
+            for (int j = 0; j < BS; ++j) kf[j] = load_f(kt[d * BS + j]);
             for (int64_t g = 0; g < group; ++g) {
               const float qd = qf[g * D + d];
 #pragma omp simd
@@ -89,7 +99,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
           for (int d = 0; d < D; ++d) {
             const T* row = kt + d * bs;
             float* kf = buf.data();
-            for (int64_t j = 0; j < bs; ++j) kf[j] = static_cast<float>(row[j]);
+            for (int64_t j = 0; j < bs; ++j) kf[j] = load_f(row[j]);
             for (int64_t g = 0; g < group; ++g) {
               const float qd = qf[g * D + d];
               float* sg = s0 + g * max_len_padded;
@@ -116,8 +126,10 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
       }
       // out_g = sum_j p_gj v_j
-      float* __restrict ac = acc.data();
-      std::fill(acc.begin(), acc.end(), 0.f);
+      constexpr int kAccRows = G > 0 ? G : 1;
+      float local_acc[kAccRows][D] = {};
+      float* __restrict ac = G > 0 ? &local_acc[0][0] : acc.data();
+      if (G == 0) std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const T* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
         const int64_t n = std::min<int64_t>(bs, len - blk * bs);
@@ -125,7 +137,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         for (int64_t j = 0; j < n; ++j) {
           float vf[D];
 #pragma omp simd
-          for (int d = 0; d < D; ++d) vf[d] = static_cast<float>(vb[j * D + d]);
+          for (int d = 0; d < D; ++d) vf[d] = load_f(vb[j * D + d]);
           for (int64_t g = 0; g < group; ++g) {
             const float p = p0[g * max_len_padded + j];
 #pragma omp simd
@@ -135,7 +147,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       }
       for (int64_t g = 0; g < group; ++g) {
         T* op = out + (b * num_heads + hk * group + g) * D;
-        for (int d = 0; d < D; ++d) op[d] = static_cast<T>(acc[g * D + d]);
+        for (int d = 0; d < D; ++d) op[d] = static_cast<T>(ac[g * D + d]);
       }
     }
   });
@@ -147,12 +159,24 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& seq_lens, at::Tensor& out, double scale,
                          int64_t max_seq_len) {
   const int64_t block_size = k_cache.size(3);
-  auto run = [&](auto bs_tag) {
+  const int64_t group = q.size(1) / k_cache.size(1);
+  auto run_g = [&](auto bs_tag, auto g_tag) {
     constexpr int BS = decltype(bs_tag)::value;
-    decode_impl<T, D, BS>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+    constexpr int G = decltype(g_tag)::value;
+    decode_impl<T, D, BS, G>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
                           block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                           out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), block_size,
                           block_tables.size(1), static_cast<float>(scale), max_seq_len);
+  };
+  auto run = [&](auto bs_tag) {
+    switch (group) {
+      case 1: run_g(bs_tag, std::integral_constant<int, 1>{}); break;
+      case 2: run_g(bs_tag, std::integral_constant<int, 2>{}); break;
+      case 3: run_g(bs_tag, std::integral_constant<int, 3>{}); break;
+      case 4: run_g(bs_tag, std::integral_constant<int, 4>{}); break;
+      case 8: run_g(bs_tag, std::integral_constant<int, 8>{}); break;
+      default: run_g(bs_tag, std::integral_constant<int, 0>{}); break;
+    }
   };
   if (block_size == 16) {
     run(std::integral_constant<int, 16>{});
