@@ -1,0 +1,90 @@
+"""The batched sampler: each filter and penalty does what its definition says, row by row."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.model_executor.sampler import (
+    Penalties,
+    Sampler,
+    SamplingBatch,
+    apply_penalties,
+    apply_top_k_top_p,
+)
+
+
+def _batch(n, **kw):
+    kw.setdefault("temperature", torch.ones(n))
+    return SamplingBatch(all_greedy=False, **kw)
+
+
+def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    batch = _batch(2, temperature=torch.tensor([0.0, 1.0]))
+    for _ in range(20):
+        assert Sampler()(logits, batch).token_ids[0].item() == 1
+
+
+def test_top_k_top_p_keep_exactly_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    out = apply_top_k_top_p(logits.clone(), torch.tensor([2, 4]), None)
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert torch.isfinite(out[1]).all()
+    out = apply_top_k_top_p(logits.clone(), None, torch.tensor([0.7, 1.0]))
+    # 0.5 alone < 0.7, 0.5 + 0.3 >= 0.7: the two most likely tokens survive
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert torch.isfinite(out[1]).all()
+
+
+def test_samples_follow_the_filtered_distribution():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    batch = _batch(4000, top_k=torch.full((4000,), 3))
+    counts = torch.bincount(Sampler()(logits, batch).token_ids, minlength=4).float() / 4000
+    assert counts[3] == 0
+    expected = torch.tensor([0.5, 0.3, 0.15]) / 0.95
+    assert torch.allclose(counts[:3], expected, atol=0.03)
+
+
+def test_min_p_drops_tokens_below_the_scaled_threshold():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(2000, 1)
+    batch = _batch(2000, min_p=torch.full((2000,), 0.2))  # threshold 0.12: drops 0.1
+    tokens = Sampler()(logits, batch).token_ids
+    assert (tokens != 2).all() and (tokens == 1).any()
+
+
+def test_seeded_rows_reproduce_regardless_of_neighbours():
+    logits = torch.randn(3, 50)
+    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = Sampler()(logits, _batch(3, generators={1: gen_a})).token_ids[1]
+    noisy = torch.cat([torch.randn(1, 50), logits[1:2], torch.randn(1, 50)])
+    b = Sampler()(noisy, _batch(3, generators={1: gen_b})).token_ids[1]
+    assert a == b
+
+
+def test_penalties_match_their_definitions():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    p = Penalties(
+        presence=torch.tensor([0.5]),
+        frequency=torch.tensor([0.25]),
+        repetition=torch.tensor([2.0]),
+        output_counts=torch.tensor([[2.0, 0.0, 0.0, 1.0]]),
+        prompt_mask=torch.tensor([[False, True, False, False]]),
+    )
+    out = apply_penalties(logits.clone(), p)
+    # token 0: generated twice: 2/2 - 0.25*2 - 0.5; token 1: in prompt: -2*2;
+    # token 2: untouched; token 3: generated once: 0.5/2 - 0.25 - 0.5
+    assert torch.allclose(out, torch.tensor([[0.0, -4.0, 1.0, -0.5]]))
+
+
+def test_banned_tokens_and_logprobs():
+    logits = torch.tensor([[5.0, 1.0, 0.0]])
+    batch = SamplingBatch(
+        temperature=torch.zeros(1), all_greedy=True, banned=[(0, [0])], max_num_logprobs=2
+    )
+    out = Sampler()(logits, batch)
+    assert out.token_ids.item() == 1
+    raw = torch.log_softmax(logits, -1)  # logprobs are of the raw distribution
+    assert torch.allclose(out.logprobs, raw[0, 1:2]) and out.ranks.item() == 2
+    assert out.top_ids.tolist() == [[0, 1]]
