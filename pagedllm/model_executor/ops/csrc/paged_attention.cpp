@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -28,6 +29,28 @@ inline float load_f(c10::BFloat16 x) {
   return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
 }
 inline float load_f(c10::Half x) { return static_cast<float>(x); }
+
+// 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2): written explicitly so the
+// accumulators of a (sequence, kv head) task stay in registers.
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline v16f load16(const c10::BFloat16* p) {
+  v16u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<v16f>(__builtin_convertvector(h, v16u32) << 16);
+}
+inline v16f load16(const c10::Half* p) {
+  v16f v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
 
 // exp(x) for x <= 0 (softmax after max subtraction), vectorizable: 2^(x log2 e) split into an
 // integer power (exponent bits) and a degree-6 polynomial on [0, 1); relative error ~2e-7.
@@ -77,7 +100,16 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const T* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
         float* __restrict s0 = scores.data() + blk * bs;
-        if constexpr (BS > 0) {
+        if constexpr (BS == 16 && G > 0) {
+          v16f sacc[G] = {};
+          for (int d = 0; d < D; ++d) {
+            const v16f kv = load16(kt + d * 16);
+#pragma GCC unroll 16
+            for (int g = 0; g < G; ++g) sacc[g] += qf[g * D + d] * kv;
+          }
+#pragma GCC unroll 16
+          for (int g = 0; g < G; ++g) std::memcpy(s0 + g * max_len_padded, &sacc[g], 64);
+        } else if constexpr (BS > 0) {
           // Register-resident accumulators: group x BS floats.
           constexpr int kRows = G > 0 ? G : kMaxGroup;
           float sacc[kRows][BS] = {};
@@ -126,6 +158,32 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
       }
       // out_g = sum_j p_gj v_j
+      if constexpr (G > 0 && D % 16 == 0) {
+        constexpr int NV = D / 16;
+        v16f vacc[G][NV] = {};
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+          const T* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+          const int64_t n = std::min<int64_t>(bs, len - blk * bs);
+          const float* __restrict p0 = scores.data() + blk * bs;
+          for (int64_t j = 0; j < n; ++j) {
+            v16f vv[NV];
+#pragma GCC unroll 16
+            for (int c = 0; c < NV; ++c) vv[c] = load16(vb + j * D + 16 * c);
+#pragma GCC unroll 16
+            for (int g = 0; g < G; ++g) {
+              const float p = p0[g * max_len_padded + j];
+#pragma GCC unroll 16
+              for (int c = 0; c < NV; ++c) vacc[g][c] += p * vv[c];
+            }
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          T* op = out + (b * num_heads + hk * group + g) * D;
+          for (int c = 0; c < NV; ++c)
+            for (int i = 0; i < 16; ++i) op[16 * c + i] = static_cast<T>(vacc[g][c][i]);
+        }
+        continue;
+      }
       constexpr int kAccRows = G > 0 ? G : 1;
       float local_acc[kAccRows][D] = {};
       float* __restrict ac = G > 0 ? &local_acc[0][0] : acc.data();
