@@ -32,6 +32,15 @@ inline float load_f(c10::Half x) { return static_cast<float>(x); }
 
 // 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2): written explicitly so the
 // accumulators of a (sequence, kv head) task stay in registers.
+// Blocks of one sequence are scattered, so the hardware prefetcher cannot run ahead across
+// them (the decode kernel is DRAM-bound): fetch the next block's slice while computing this one.
+template <typename T>
+inline void prefetch_slice(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64)
+    __builtin_prefetch(c + off, 0, 3);
+}
+
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint16_t v16u16 __attribute__((vector_size(32)));
 typedef uint32_t v16u32 __attribute__((vector_size(64)));
@@ -99,6 +108,8 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       // scores[g, j] = q_g . k_j, one block (bs keys) at a time
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const T* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
+        if (blk + 1 < nblocks)
+          prefetch_slice(k_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
         float* __restrict s0 = scores.data() + blk * bs;
         if constexpr (BS == 16 && G > 0) {
           v16f sacc[G] = {};
@@ -158,11 +169,14 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
       }
       // out_g = sum_j p_gj v_j
+      prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
       if constexpr (G > 0 && D % 16 == 0) {
         constexpr int NV = D / 16;
         v16f vacc[G][NV] = {};
         for (int64_t blk = 0; blk < nblocks; ++blk) {
           const T* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+          if (blk + 1 < nblocks)
+            prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
           const int64_t n = std::min<int64_t>(bs, len - blk * bs);
           const float* __restrict p0 = scores.data() + blk * bs;
           for (int64_t j = 0; j < n; ++j) {
