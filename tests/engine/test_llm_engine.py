@@ -302,3 +302,18 @@ def test_duplicate_request_id_rejected(tiny_llama_dir):
         engine.add_request("a", prompts(1)[0], GREEDY)
     run_all(engine)
     assert_no_leak(engine)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_stay_close_to_fp32(tiny_llama_dir, dtype):
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    p = prompts(1)[0]
+    ref = make_engine(tiny_llama_dir)
+    ref.add_request("r", p, params)
+    want = run_all(ref)["r"].outputs[0].logprobs[0]
+    low = make_engine(tiny_llama_dir, dtype=dtype)
+    low.add_request("r", p, params)
+    got = run_all(low)["r"].outputs[0].logprobs[0]
+    for token_id, lp in want.items():
+        assert token_id in got and abs(got[token_id].logprob - lp.logprob) < 0.1
+    assert_no_leak(low)
