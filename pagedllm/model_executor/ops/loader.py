@@ -50,7 +50,8 @@ def _cpu_key() -> str:
 
 def build_dir() -> str:
     h = hashlib.sha256()
-    for path in _source_paths():
+    here = os.path.join(os.path.dirname(__file__), "csrc")
+    for path in sorted(os.path.join(here, n) for n in os.listdir(here)):  # sources and headers
         with open(path, "rb") as f:
             h.update(f.read())
     h.update(torch.__version__.encode())

@@ -12,18 +12,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "vec_math.h"
+
 #include <cmath>
 
 namespace {
 
+using pagedllm::exp_approx;
+using pagedllm::load_f;
+
 // Conversions the compiler can vectorize (c10's bf16 rounding has a NaN branch that blocks it).
 // Round-to-nearest-even; inputs here are finite activations.
-inline float load_f(float x) { return x; }
-inline float load_f(c10::BFloat16 x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
-}
-inline float load_f(c10::Half x) { return static_cast<float>(x); }
-inline float load_f(double x) { return static_cast<float>(x); }
+
 template <typename T>
 inline T store_f(float f) {
   return static_cast<T>(f);
@@ -88,25 +88,6 @@ void fused_add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
   });
 }
 
-// exp(x), vectorizable: 2^(x log2 e) as exponent bits times a degree-6 polynomial on [0, 1);
-// relative error ~2e-7 over the clamped range.
-inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float t = x * 1.4426950408889634f;
-  const int32_t ti = static_cast<int32_t>(t);
-  const int32_t ii = ti - (t < static_cast<float>(ti) ? 1 : 0);  // floor, vectorizable
-  const float f = t - static_cast<float>(ii);
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (ii + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
 
 template <typename T>
 inline void silu_mul_row(const T* g, const T* u, T* o, int64_t n) {

@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cstring>
 #include <cmath>
@@ -22,13 +24,12 @@
 
 namespace {
 
+using pagedllm::exp_approx;
+using pagedllm::load_f;
+
 constexpr int kMaxGroup = 16;
 
-inline float load_f(float x) { return x; }
-inline float load_f(c10::BFloat16 x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
-}
-inline float load_f(c10::Half x) { return static_cast<float>(x); }
+
 
 // 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2): written explicitly so the
 // accumulators of a (sequence, kv head) task stay in registers.
@@ -61,25 +62,6 @@ inline v16f load16(const c10::Half* p) {
   return v;
 }
 
-// exp(x) for x <= 0 (softmax after max subtraction), vectorizable: 2^(x log2 e) split into an
-// integer power (exponent bits) and a degree-6 polynomial on [0, 1); relative error ~2e-7.
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float t = x * 1.4426950408889634f;
-  const int32_t ti = static_cast<int32_t>(t);
-  const int32_t ii = ti - (t < static_cast<float>(ti) ? 1 : 0);  // floor, vectorizable
-  const float f = t - static_cast<float>(ii);
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (ii + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
 
 // BS > 0: compile-time block size (vectorizes to full registers); BS == 0: runtime.
 // G > 0: compile-time query heads per kv head (accumulators stay in registers); 0: runtime.
@@ -161,7 +143,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < len; ++j) {
-          sg[j] = exp_nonpos(sg[j] - m);
+          sg[j] = exp_approx(sg[j] - m);
           sum += sg[j];
         }
         const float inv = 1.f / sum;
