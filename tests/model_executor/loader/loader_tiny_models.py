@@ -13,11 +13,11 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
-    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from pagedllm.model_executor.loader.gguf_weights import unpermute_qk
+from tests.utils import tiny_config
 
 Q = GGMLQuantizationType
 
@@ -55,13 +55,8 @@ LLAMA_QUANT_PLAN: Mapping[str, GGMLQuantizationType] = {
 
 def tiny_llama(tie_word_embeddings: bool = False, attention_bias: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_config(
+        "llama",
         head_dim=16,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
@@ -74,17 +69,8 @@ def tiny_llama(tie_word_embeddings: bool = False, attention_bias: bool = True) -
 
 def tiny_qwen2() -> Qwen2ForCausalLM:
     torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
+    config = tiny_config(
+        "qwen2", max_position_embeddings=256, rope_theta=1000000.0, tie_word_embeddings=True
     )
     return _randomized(Qwen2ForCausalLM(config))
 
