@@ -46,6 +46,30 @@ def test_samples_follow_the_filtered_distribution():
     assert torch.allclose(counts[:3], expected, atol=0.03)
 
 
+def test_temperature_samples_match_softmax_over_a_large_vocab():
+    torch.manual_seed(0)
+    row = torch.randn(1, 1000) * 2
+    n = 20000
+    batch = _batch(n, temperature=torch.full((n,), 0.7))
+    tokens = Sampler()(row.repeat(n, 1), batch).token_ids
+    probs = torch.softmax(row[0] / 0.7, dim=-1)
+    top = probs.topk(5).indices
+    freq = torch.bincount(tokens, minlength=1000).float() / n
+    assert torch.allclose(freq[top], probs[top], atol=0.015)
+
+
+def test_masked_tokens_at_either_end_of_the_vocab_are_never_drawn():
+    torch.manual_seed(0)
+    logits = torch.tensor([[9.0, 1.0, 1.0, 9.0]]).repeat(3000, 1)
+    # top_k=2 keeps the two 9.0s: tokens 0 and 3, each with probability 0.5
+    batch = _batch(3000, top_k=torch.full((3000,), 2))
+    tokens = Sampler()(logits, batch).token_ids
+    assert set(tokens.tolist()) == {0, 3}
+    logits = torch.tensor([[-1.0, 2.0, 2.0, -1.0]]).repeat(3000, 1)
+    tokens = Sampler()(logits, _batch(3000, top_k=torch.full((3000,), 2))).token_ids
+    assert set(tokens.tolist()) == {1, 2}
+
+
 def test_min_p_drops_tokens_below_the_scaled_threshold():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(2000, 1)
