@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from pagedllm.model_executor.hugepages import zeros_hugepage
 from pagedllm.model_executor.input_batch import build_inputs
 from pagedllm.model_executor.layers.linear import pack_linear_weights
 from pagedllm.model_executor.models.hf_config import ArchConfig
@@ -65,13 +66,18 @@ class ModelRunner:
         # slots by 0, so they must not hold NaNs.
         self.kv_caches = [
             (
-                torch.zeros((num_blocks, h, d, block_size), dtype=self.dtype, device=self.device),
-                torch.zeros((num_blocks, h, block_size, d), dtype=self.dtype, device=self.device),
+                self._zeros((num_blocks, h, d, block_size)),
+                self._zeros((num_blocks, h, block_size, d)),
             )
             for _ in range(self.arch.num_layers)
         ]
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
             layer.kv_cache = cache
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return zeros_hugepage(shape, self.dtype)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
