@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from pagedllm import envs
+from pagedllm.cpu_info import has_native_bf16
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3
@@ -22,7 +25,7 @@ class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -37,7 +40,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
-            self.dtype = "float32"
+            self.dtype = auto_dtype(self.device)
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
         _check_positive("max_num_seqs", self.max_num_seqs)
@@ -54,6 +57,18 @@ class EngineArgs:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+def auto_dtype(device: str | None) -> str:
+    """``--dtype auto``: bfloat16 where the hardware multiplies bf16 natively (CPUs with
+    AVX512-BF16/AMX, CUDA GPUs with bf16), float32 elsewhere (emulated bf16 is slower there).
+    bf16 keeps the residual stream, norms, softmax and logits in fp32; its answers are checked
+    for coherence against fp32 in tests/entrypoints/test_bf16_default.py."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if has_native_bf16() else "float32"
 
 
 @dataclass

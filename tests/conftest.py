@@ -30,7 +30,7 @@ def smol_llm(default_gguf):
     """The embedded default model, loaded once for the whole session (fp32)."""
     from pagedllm import LLM
 
-    return LLM(default_gguf, kv_cache_memory=256 * 2**20, max_model_len=2048)
+    return LLM(default_gguf, dtype="float32", kv_cache_memory=256 * 2**20, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

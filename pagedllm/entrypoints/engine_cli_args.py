@@ -15,7 +15,8 @@ HELP = {
     "tokenizer": "tokenizer directory or repo id "
     "(default: the model's own, or the GGUF's metadata)",
     "revision": "hub revision (branch, tag or commit) when --model is a repo id",
-    "dtype": f"weight and activation dtype: {', '.join(SUPPORTED_DTYPES)} (auto = float32)",
+    "dtype": f"weight and activation dtype: auto, {', '.join(SUPPORTED_DTYPES)} "
+    "(auto = bfloat16 on CPUs with AVX512-BF16/AMX and bf16 GPUs, else float32)",
     "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's limit)",
     "max_num_seqs": "most sequences decoded together in one step",
     "max_num_batched_tokens": "most tokens (prefill + decode) in one step (default 2048)",

@@ -15,6 +15,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 def make_engine(model_dir: str, **kwargs) -> LLMEngine:
     kwargs.setdefault("kv_cache_memory", 4 * 2**20)
+    kwargs.setdefault("dtype", "float32")  # compared with fp32 transformers
     return LLMEngine(EngineArgs(model=model_dir, **kwargs))
 
 

@@ -6,12 +6,12 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import sys
 
 import torch
 
 from pagedllm import envs
+from pagedllm.cpu_info import cpu_flags_line
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +36,7 @@ def _source_paths() -> list[str]:
 
 def _cpu_key() -> str:
     """-march=native code must not run on a CPU without the same instructions."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        flags = platform.processor()
-    return flags
+    return cpu_flags_line()
 
 
 def build_dir() -> str:

@@ -29,29 +29,20 @@ using pagedllm::load_f;
 
 constexpr int kMaxGroup = 16;
 
-
-
-// 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2): written explicitly so the
-// accumulators of a (sequence, kv head) task stay in registers.
 // Blocks of one sequence are scattered, so the hardware prefetcher cannot run ahead across
-// them (the decode kernel is DRAM-bound): fetch the next block's slice while computing this one.
-template <typename T>
+// them (the decode kernel is DRAM-bound): fetch the next block's slice into L1 while computing
+// this one (Locality 3), and the block kFarAhead ahead into L2 only (Locality 1): more misses in
+// flight than the L1 fill buffers allow (+7% on a 2-core Xeon with the cache far larger than L3).
+constexpr int64_t kFarAhead = 6;
+template <int Locality = 3, typename T>
 inline void prefetch_slice(const T* p, int64_t count) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64)
-    __builtin_prefetch(c + off, 0, 3);
+    __builtin_prefetch(c + off, 0, Locality);
 }
 
-// ...and, into L2 only, the block kFarAhead ahead: more misses in flight than the L1 fill
-// buffers allow (+7% on a 2-core Xeon with the cache far larger than L3).
-constexpr int64_t kFarAhead = 6;
-template <typename T>
-inline void prefetch_slice_l2(const T* p, int64_t count) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64)
-    __builtin_prefetch(c + off, 0, 1);
-}
-
+// 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2): written explicitly so the
+// accumulators of a (sequence, kv head) task stay in registers.
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint16_t v16u16 __attribute__((vector_size(32)));
 typedef uint32_t v16u32 __attribute__((vector_size(64)));
@@ -103,7 +94,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         if (blk + 1 < nblocks)
           prefetch_slice(k_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
         if (blk + kFarAhead < nblocks)
-          prefetch_slice_l2(k_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
+          prefetch_slice<1>(k_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
                             head_stride);
         float* __restrict s0 = scores.data() + blk * bs;
         if constexpr (BS == 16 && G > 0) {
@@ -173,7 +164,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
           if (blk + 1 < nblocks)
             prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
           if (blk + kFarAhead < nblocks)
-            prefetch_slice_l2(v_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
+            prefetch_slice<1>(v_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
                               head_stride);
           const int64_t n = std::min<int64_t>(bs, len - blk * bs);
           const float* __restrict p0 = scores.data() + blk * bs;

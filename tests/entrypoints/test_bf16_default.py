@@ -1,0 +1,55 @@
+"""bf16 is the default dtype on CPUs that multiply bf16 natively only because its answers stay
+coherent: the real SmolLM2 model, in the default dtype, must answer factual chat questions as
+its fp32 self does (the issue reports vLLM's bf16 answering "What is the capital of France?"
+with French gibberish on this model)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineArgs
+from pagedllm.cpu_info import has_native_bf16
+
+# Questions this 135M model answers correctly in fp32 (greedy), with what a right answer says.
+QUESTIONS = [
+    ("What is the capital of France?", "paris"),
+    ("Who wrote Romeo and Juliet?", "shakespeare"),
+    ("What is the boiling point of water in Celsius?", "100"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("How many days are in a week?", "seven|7"),
+    ("What is the chemical symbol for water?", "h2o|h₂o"),
+    ("What is the capital of Japan?", "tokyo"),
+    ("What language is spoken in Spain?", "spanish"),
+]
+
+
+def test_auto_dtype_is_bf16_exactly_on_cpus_with_native_bf16():
+    expected = "bfloat16" if has_native_bf16() else "float32"
+    assert EngineArgs(device="cpu").dtype == expected
+    assert EngineArgs(device="cpu", dtype="auto").dtype == expected
+    assert EngineArgs(device="cpu", dtype="float32").dtype == "float32"
+
+
+@pytest.fixture(scope="module")
+def bf16_llm(default_gguf):
+    # The default dtype where bf16 is the default; bf16 explicitly elsewhere (same check).
+    dtype = "auto" if has_native_bf16() else "bfloat16"
+    llm = LLM(default_gguf, dtype=dtype, kv_cache_memory=64 * 2**20, max_model_len=1024)
+    assert llm.engine.model_config.dtype == "bfloat16"
+    return llm
+
+
+def test_bf16_chat_answers_stay_coherent(bf16_llm, smol_llm):
+    conversations = [[{"role": "user", "content": q}] for q, _ in QUESTIONS]
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    bf16 = [o.outputs[0].text for o in bf16_llm.chat(conversations, params)]
+    fp32 = [o.outputs[0].text for o in smol_llm.chat(conversations, params)]
+    for (question, answer), text in zip(QUESTIONS, bf16):
+        assert re.search(answer, text.lower()), f"bf16 answered {question!r} with {text!r}"
+    # Not just the right keyword: the answers are the fp32 model's, word for word, for most
+    # questions (greedy decoding can part ways late on a near-tie).
+    same_start = sum(b.split()[:6] == f.split()[:6] for b, f in zip(bf16, fp32))
+    assert same_start >= len(QUESTIONS) - 1, list(zip(bf16, fp32))
