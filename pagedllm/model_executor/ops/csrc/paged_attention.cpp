@@ -33,6 +33,8 @@ constexpr int kMaxGroup = 16;
 // them (the decode kernel is DRAM-bound): fetch the next block's slice into L1 while computing
 // this one (Locality 3), and the block kFarAhead ahead into L2 only (Locality 1): more misses in
 // flight than the L1 fill buffers allow (+7% on a 2-core Xeon with the cache far larger than L3).
+// The two prefetches are written out in both the K and the V loop on purpose: routed through a
+// shared helper (function or lambda) the kernel measured 27% slower (10.8 vs 14.8 GB/s).
 constexpr int64_t kFarAhead = 6;
 template <int Locality = 3, typename T>
 inline void prefetch_slice(const T* p, int64_t count) {
