@@ -32,8 +32,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
 from pagedllm.entrypoints.bench.datasets import BenchRequest, load_jsonl_dataset  # noqa: E402
-from pagedllm.entrypoints.bench.flops import TransformerShape, request_flops  # noqa: E402
+from pagedllm.entrypoints.bench.flops import request_flops  # noqa: E402
 from pagedllm.entrypoints.bench.report import print_table, write_json  # noqa: E402
+from pagedllm.model_executor.models.hf_config import arch_config_from_hf  # noqa: E402
 
 DEFAULT_WORKLOAD = os.path.normpath(
     os.path.join(REPO_ROOT, "..", "shared", "peers", "workload.jsonl")
@@ -126,7 +127,7 @@ def run_mode(
     generate(model, tokenizer, [requests[0].prompt], 4)  # warm-up, untimed
     prompt_tokens = useful = generated = 0
     flops = 0.0
-    shape = TransformerShape.from_config(model.config)
+    shape = arch_config_from_hf(model.config)
     start = time.perf_counter()
     for batch in tqdm(batches, desc=mode, disable=ns.disable_tqdm):
         longest = max(r.output_len for r in batch)

@@ -15,7 +15,8 @@ from typing import Any
 
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.bench.datasets import BenchRequest
-from pagedllm.entrypoints.bench.flops import TransformerShape, request_flops
+from pagedllm.entrypoints.bench.flops import request_flops
+from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -44,14 +45,14 @@ def prompt_vocab_size(llm: Any) -> int:
     return min(llm.engine.model_config.vocab_size, len(llm.get_tokenizer()))
 
 
-def model_shape(llm: Any) -> TransformerShape | None:
+def model_shape(llm: Any) -> ArchConfig | None:
     try:
-        return TransformerShape.from_config(llm.engine.runner.arch)
-    except (AttributeError, ValueError):
+        return llm.engine.runner.arch
+    except AttributeError:
         return None
 
 
-def useful_flops(shape: TransformerShape, lengths: list[tuple[int, int]]) -> float:
+def useful_flops(shape: ArchConfig, lengths: list[tuple[int, int]]) -> float:
     """FLOPs of (prompt_len, output_len) pairs, as if every request ran alone without waste."""
     return sum(request_flops(shape, p, o) for p, o in lengths)
 

@@ -9,13 +9,15 @@ import pytest
 from pagedllm.entrypoints.bench.arrivals import arrival_offsets
 from pagedllm.entrypoints.bench.flops import (
     SMOLLM2_135M,
-    TransformerShape,
+    body_params,
     flops_per_token,
+    lm_head_params,
     request_flops,
 )
 from pagedllm.entrypoints.bench.metrics import LatencySummary, count_good, parse_goodput
 from pagedllm.entrypoints.bench.openai_client import RequestResult
 from pagedllm.entrypoints.bench.serve import summarize
+from pagedllm.model_executor.models.hf_config import arch_config_from_hf
 
 
 def test_latency_summary():
@@ -120,14 +122,14 @@ def test_flops_shape_matches_the_model_s_linear_weights(tiny_llama_dir):
     config = AutoConfig.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    shape = TransformerShape.from_config(config)
-    assert shape.body_params + shape.lm_head_params == linear
+    arch = arch_config_from_hf(config)
+    assert body_params(arch) + lm_head_params(arch) == linear
 
 
 def test_smollm2_flops_per_token():
     # 134.5M matmul weights (30 layers x 3.54M + the 28.3M LM head) -> 2 FLOPs each.
-    assert SMOLLM2_135M.body_params == 30 * 3_538_944
-    assert SMOLLM2_135M.lm_head_params == 49152 * 576
+    assert body_params(SMOLLM2_135M) == 30 * 3_538_944
+    assert lm_head_params(SMOLLM2_135M) == 49152 * 576
     assert flops_per_token(SMOLLM2_135M, 0) == pytest.approx(2 * 134_479_872)
     assert flops_per_token(SMOLLM2_135M, 1000) - flops_per_token(SMOLLM2_135M, 0) == (
         4 * 30 * 9 * 64 * 1000
@@ -140,7 +142,7 @@ def test_request_flops_sums_the_per_token_figures():
     prompt_len, output_len = 7, 5
     per_token = sum(flops_per_token(shape, c) for c in range(1, prompt_len + output_len))
     # The LM head runs once per output token, not for every prompt token.
-    expected = per_token - (prompt_len - 1) * 2 * shape.lm_head_params
+    expected = per_token - (prompt_len - 1) * 2 * lm_head_params(shape)
     assert request_flops(shape, prompt_len, output_len) == pytest.approx(expected)
     with pytest.raises(ValueError):
         request_flops(shape, 0, 1)
