@@ -75,7 +75,9 @@ def test_streamed_chat_equals_whole(client):
 
 
 def test_health_fast_while_generating(server):
-    body = {"prompt": "Once upon a time", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    # Long enough to outlast the probes on any CPU (bf16 runs ~5 ms/token here); closing the
+    # stream afterwards aborts the rest.
+    body = {"prompt": "Once upon a time", "max_tokens": 800, "ignore_eos": True, "stream": True}
     latencies = []
     with (
         httpx.Client(base_url=server.url, timeout=60) as http,
@@ -91,3 +93,7 @@ def test_health_fast_while_generating(server):
                 latencies.append(time.perf_counter() - start)
                 time.sleep(0.05)  # spread the probes over several engine steps
     assert statistics.median(latencies) < 0.1, latencies
+    deadline = time.monotonic() + 10
+    while server.engine.stats.num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.stats.num_running == 0  # the closed stream was aborted
