@@ -43,28 +43,37 @@ inline void prefetch_slice(const T* p, int64_t count) {
     __builtin_prefetch(c + off, 0, Locality);
 }
 
-// 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2): written explicitly so the
-// accumulators of a (sequence, kv head) task stay in registers.
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint16_t v16u16 __attribute__((vector_size(32)));
-typedef uint32_t v16u32 __attribute__((vector_size(64)));
+using pagedllm::exp16;
+using pagedllm::load16;
+using pagedllm::v16f;
 
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// In place: s[0, len) <- softmax(s[0, len)).
+inline void softmax(float* s, int64_t len) {
+  const int64_t nv = len / 16 * 16;
+  v16f mv = v16f{} - std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < nv; j += 16) {
+    const v16f x = load16(s + j);
+    mv = x > mv ? x : mv;
+  }
+  float m = mv[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, mv[i]);
+  for (int64_t j = nv; j < len; ++j) m = std::max(m, s[j]);
+  v16f sv = {};
+  for (int64_t j = 0; j < nv; j += 16) {
+    const v16f e = exp16(load16(s + j) - m);
+    pagedllm::store16(s + j, e);
+    sv += e;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < 16; ++i) sum += sv[i];
+  for (int64_t j = nv; j < len; ++j) {
+    s[j] = exp_approx(s[j] - m);
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < nv; j += 16) pagedllm::store16(s + j, load16(s + j) * inv);
+  for (int64_t j = nv; j < len; ++j) s[j] *= inv;
 }
-inline v16f load16(const c10::BFloat16* p) {
-  v16u16 h;
-  std::memcpy(&h, p, sizeof(h));
-  return reinterpret_cast<v16f>(__builtin_convertvector(h, v16u32) << 16);
-}
-inline v16f load16(const c10::Half* p) {
-  v16f v;
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-}
-
 
 // BS > 0: compile-time block size (vectorizes to full registers); BS == 0: runtime.
 // G > 0: compile-time query heads per kv head (accumulators stay in registers); 0: runtime.
@@ -140,22 +149,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
           }
         }
       }
-      // softmax over the len valid keys of each head
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * max_len_padded;
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < len; ++j) m = std::max(m, sg[j]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < len; ++j) {
-          sg[j] = exp_approx(sg[j] - m);
-          sum += sg[j];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) sg[j] *= inv;
-      }
+      for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * max_len_padded, len);
       // out_g = sum_j p_gj v_j
       prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
       if constexpr (G > 0 && D % 16 == 0) {
