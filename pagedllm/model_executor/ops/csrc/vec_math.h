@@ -17,6 +17,17 @@ inline float load_f(c10::BFloat16 x) {
 }
 inline float load_f(c10::Half x) { return static_cast<float>(x); }
 
+// 2^f for f in [0, 1): degree-6 polynomial, for a float or a vector of floats.
+template <typename F>
+inline F exp2_fraction(F f) {
+  F p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+
 // exp(x), vectorizable: 2^(x log2 e) as exponent bits times a degree-6 polynomial on [0, 1);
 // relative error ~2e-7 over the clamped range.
 inline float exp_approx(float x) {
@@ -25,16 +36,8 @@ inline float exp_approx(float x) {
   const float t = x * 1.4426950408889634f;
   const int32_t ti = static_cast<int32_t>(t);
   const int32_t ii = ti - (t < static_cast<float>(ti) ? 1 : 0);  // floor, vectorizable
-  const float f = t - static_cast<float>(ii);
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
   const int32_t bits = (ii + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+  return exp2_fraction(t - static_cast<float>(ii)) * __builtin_bit_cast(float, bits);
 }
 
 // 16 floats as one GCC vector (one zmm on AVX-512, two ymm on AVX2). Loops written with it
@@ -70,15 +73,8 @@ inline v16f exp16(v16f x) {
   const v16f t = x * 1.4426950408889634f;
   const v16i ti = __builtin_convertvector(t, v16i);
   const v16i ii = ti + (t < __builtin_convertvector(ti, v16f));  // floor: true lanes are -1
-  const v16f f = t - __builtin_convertvector(ii, v16f);
-  v16f p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
   const v16i bits = (ii + 127) << 23;
-  return p * reinterpret_cast<v16f>(bits);
+  return exp2_fraction(t - __builtin_convertvector(ii, v16f)) * reinterpret_cast<v16f>(bits);
 }
 
 }  // namespace pagedllm
