@@ -244,8 +244,8 @@ class AsyncLLM:
         tracker: RequestStatsTracker,
         deliveries: list[tuple[Callable[..., None], Any]],
     ) -> bool:
-        """One iteration: apply queued commands, run one step if there is work, hand the outputs
-        to their streams, record stats. -> whether a stop was requested."""
+        """One iteration: apply queued commands, run one step if there is work, record stats,
+        hand the outputs to their streams. -> whether a stop was requested."""
         outputs: list[RequestOutput] = []
         stop = False
         for cmd in self._next_commands(block=not engine.has_unfinished_requests()):
@@ -268,8 +268,9 @@ class AsyncLLM:
             deliveries.append((stream.put, out))
             if out.finished:
                 del self._streams[out.request_id]
-        self._deliver(deliveries)
+        # Stats first: whoever reads them after receiving an output sees the step that made it.
         self._record(engine, tracker.update(outputs, time.monotonic()))
+        self._deliver(deliveries)
         return stop
 
     def _apply_add(
