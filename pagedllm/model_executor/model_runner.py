@@ -84,8 +84,9 @@ class ModelRunner:
     def forward_logits(
         self, scheduler_output: SchedulerOutput, all_positions: bool = False
     ) -> tuple[list[str], torch.Tensor]:
-        """Run the model; return the req ids and logits of the sampling requests (or, with
-        ``all_positions``, every scheduled token's logits in batch order: for tests)."""
+        """Run the model; return the req ids and logits of the sampling requests, in the model's
+        dtype (the sampler widens them to fp32 where it needs to), or, with ``all_positions``,
+        every scheduled token's fp32 logits in batch order: for tests."""
         assert self.block_size is not None, "allocate_kv_cache first"
         inputs = build_inputs(
             scheduler_output.scheduled, self.block_size, self.arch.head_dim, self.device
@@ -95,7 +96,7 @@ class ModelRunner:
             return [r.req_id for r in inputs.requests], self.model.compute_logits(hidden).float()
         hidden = hidden.index_select(0, inputs.sample_token_index)
         req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
-        return req_ids, self.model.compute_logits(hidden).float()
+        return req_ids, self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedllm.model_executor.ops import use_native
+
 
 @dataclass
 class Penalties:
@@ -44,6 +46,10 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if batch.all_greedy and batch.max_num_logprobs is None:
+            if not batch.banned and batch.penalties is None:
+                # Plain greedy: argmax of the raw (bf16) logits, no fp32 copy of [B, V].
+                return SamplerOutput(token_ids=greedy_argmax(logits))
         logits = logits.float()
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
@@ -55,7 +61,7 @@ class Sampler:
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
 
-        greedy = logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
+        greedy = greedy_argmax(logits)
         if batch.all_greedy:
             token_ids = greedy
         else:
@@ -93,6 +99,13 @@ class Sampler:
         # (masked by top-k/top-p/min-p) have an empty interval and are never drawn.
         ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         return ids.clamp_(max=probs.shape[1] - 1)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax, ties to the lowest index (as torch.argmax)."""
+    if use_native(logits) and logits.stride(-1) == 1:
+        return torch.ops.pagedllm.argmax_rows(logits)
+    return logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from pagedllm.model_executor.ops import native_ops_available
 from pagedllm.model_executor.sampler import (
     Penalties,
     Sampler,
     SamplingBatch,
     apply_penalties,
     apply_top_k_top_p,
+    greedy_argmax,
 )
 
 
@@ -23,6 +26,26 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     batch = _batch(2, temperature=torch.tensor([0.0, 1.0]))
     for _ in range(20):
         assert Sampler()(logits, batch).token_ids[0].item() == 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49152, 1003, 5])
+def test_greedy_argmax_matches_torch_argmax_with_ties(native, dtype, vocab, monkeypatch):
+    if native and not native_ops_available():
+        pytest.skip("native kernels not built")
+    if not native:
+        monkeypatch.setattr("pagedllm.model_executor.sampler.use_native", lambda t: False)
+    torch.manual_seed(0)
+    logits = torch.randn(9, vocab).to(dtype)
+    logits[1] = float("-inf")  # all equal: index 0
+    logits[2, :] = 0.0
+    logits[2, [vocab - 1, vocab // 2, 3 % vocab]] = 5.0  # ties: the lowest index wins
+    logits[3, vocab - 1] = 100.0  # in the tail past the last full 16-lane vector
+    got = greedy_argmax(logits)
+    assert torch.equal(got, logits.float().argmax(dim=-1))
+    batch = SamplingBatch(temperature=torch.zeros(9), all_greedy=True)
+    assert torch.equal(Sampler()(logits, batch).token_ids, got)
 
 
 def test_top_k_top_p_keep_exactly_the_right_tokens():

@@ -1,0 +1,78 @@
+// Row-wise argmax for greedy decoding, read straight from the model's logits dtype: for bf16
+// logits this skips the fp32 copy (B x V x 6 bytes moved) and torch's max over it. Ties go to
+// the lowest index, as torch.argmax; exact for bf16/fp16 (their fp32 conversion is exact).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "vec_math.h"
+
+#include <limits>
+
+namespace {
+
+using pagedllm::load16;
+using pagedllm::load_f;
+using pagedllm::v16f;
+using pagedllm::v16i;
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  const int64_t nv = n / 16 * 16;
+  int64_t best_i = 0;
+  float best = -std::numeric_limits<float>::infinity();
+  if (nv > 0) {
+    v16f bv = v16f{} - std::numeric_limits<float>::infinity();
+    v16i bi = {}, idx;
+    for (int i = 0; i < 16; ++i) idx[i] = i;
+    for (int64_t j = 0; j < nv; j += 16) {  // per lane: the first index of its maximum
+      const v16f v = load16(x + j);
+      const v16i gt = v > bv;
+      bv = gt ? v : bv;
+      bi = gt ? idx : bi;
+      idx += 16;
+    }
+    best = bv[0];
+    best_i = bi[0];
+    for (int i = 1; i < 16; ++i) {
+      if (bv[i] > best || (bv[i] == best && bi[i] < best_i)) {
+        best = bv[i];
+        best_i = bi[i];
+      }
+    }
+  }
+  for (int64_t j = nv; j < n; ++j) {
+    const float v = load_f(x[j]);
+    if (v > best || (j == 0)) {
+      best = v;
+      best_i = j;
+    }
+  }
+  return best_i;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "argmax_rows: [B, V] with contiguous rows");
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), "argmax_rows: row too long");
+  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
+  auto run = [&](auto* xp) {
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) op[r] = argmax_row(xp + r * stride, n);
+    });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(x.data_ptr<float>()); break;
+    case at::kBFloat16: run(x.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(x.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "argmax_rows: unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, &argmax_rows);
+}
