@@ -9,6 +9,7 @@ import logging
 import torch
 
 from pagedllm.model_executor.hugepages import zeros_hugepage
+from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.input_batch import build_inputs
 from pagedllm.model_executor.layers.linear import pack_linear_weights
 from pagedllm.model_executor.models.hf_config import ArchConfig
@@ -27,6 +28,8 @@ class ModelRunner:
         self.arch = arch
         self.dtype = TORCH_DTYPES[dtype]
         self.device = device
+        if device.type == "cpu":
+            tune_glibc_malloc()
         self.model = get_model_class(arch)(arch)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
