@@ -9,9 +9,9 @@ import logging
 import torch
 
 from pagedllm.model_executor.hugepages import zeros_hugepage
-from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.input_batch import build_inputs
 from pagedllm.model_executor.layers.linear import pack_linear_weights
+from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.sampler import Sampler
