@@ -1,0 +1,22 @@
+"""`pagedllm serve` defaults its step budget to SERVE_MAX_NUM_BATCHED_TOKENS (shorter prefill
+chunks than offline) unless the user sets one or turns chunked prefill off."""
+
+from __future__ import annotations
+
+from pagedllm.entrypoints.openai.cli_args import (
+    SERVE_MAX_NUM_BATCHED_TOKENS,
+    config_from_namespace,
+    make_arg_parser,
+)
+
+
+def _engine_args(argv: list[str]):
+    return config_from_namespace(make_arg_parser().parse_args(argv))[1]
+
+
+def test_serve_step_budget_default_and_overrides():
+    assert SERVE_MAX_NUM_BATCHED_TOKENS == 1024
+    assert _engine_args([]).max_num_batched_tokens == SERVE_MAX_NUM_BATCHED_TOKENS
+    assert _engine_args(["--max-num-batched-tokens", "4096"]).max_num_batched_tokens == 4096
+    # Without chunked prefill a step must hold a whole prompt: the engine picks the budget.
+    assert _engine_args(["--no-enable-chunked-prefill"]).max_num_batched_tokens is None
