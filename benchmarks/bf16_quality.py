@@ -2,6 +2,11 @@
 over workload prompts, and greedy agreement with the fp32 reference on chat prompts.
 
     .venv/bin/python benchmarks/bf16_quality.py [--num-prompts 40] [--max-tokens 64]
+        [--kv-cache-dtype int8]   # bf16 with an int8 KV cache against the same fp32 reference
+
+Each prompt runs as two steps (its first token, then the rest) so that every later position
+attends to keys and values read back from the KV cache, as decoding does: with an int8 cache
+they are the quantized ones.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ def prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
     """Log-probs at every prompt position, in one prefill (no sampling, no state kept)."""
     engine = llm.engine
     bs = engine.args.block_size
-    nb = -(-len(ids) // bs)
-    sched = SchedulerOutput(
-        [ScheduledRequest("q", ids, 0, list(range(nb)), True, SamplingParams())]
-    )
-    _, logits = engine.runner.forward_logits(sched, all_positions=True)
-    return torch.log_softmax(logits.float(), dim=-1)
+    blocks = list(range(-(-len(ids) // bs)))
+    logits = []
+    for start, chunk in ((0, ids[:1]), (1, ids[1:])):
+        sched = SchedulerOutput(
+            [ScheduledRequest("q", chunk, start, blocks, True, SamplingParams())]
+        )
+        logits.append(engine.runner.forward_logits(sched, all_positions=True)[1])
+    return torch.log_softmax(torch.cat(logits).float(), dim=-1)
 
 
 def main() -> None:
@@ -43,11 +50,13 @@ def main() -> None:
     parser.add_argument("--workload", default="../shared/peers/workload.jsonl")
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = [json.loads(line) for line in open(args.workload)][: args.num_prompts]
     kw = dict(max_model_len=2048, kv_cache_memory=512 * 2**20)
-    ref, bf = LLM(dtype="float32", **kw), LLM(dtype="bfloat16", **kw)
+    ref = LLM(dtype="float32", **kw)
+    bf = LLM(dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype, **kw)
     tok = ref.get_tokenizer()
 
     kls, top1 = [], []
@@ -74,6 +83,7 @@ def main() -> None:
         total += len(tx)
         identical += tx == ty
     result = {
+        "candidate": f"bfloat16, kv_cache_dtype={args.kv_cache_dtype}",
         "num_positions": kl.numel(),
         "mean_kl": kl.mean().item(),
         "p99_kl": kl.quantile(0.99).item(),

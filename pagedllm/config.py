@@ -15,6 +15,7 @@ from pagedllm import envs
 from pagedllm.cpu_info import has_native_bf16
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model dtype
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3
 
 
@@ -31,6 +32,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
@@ -43,6 +45,10 @@ class EngineArgs:
             self.dtype = auto_dtype(self.device)
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("block_size", self.block_size)
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):

@@ -55,7 +55,7 @@ class LLMEngine:
             head_dim=arch.head_dim,
             eos_token_ids=_eos_token_ids(hf_config, self.tokenizer),
         )
-        self.runner = ModelRunner(arch, args.dtype, self.device)
+        self.runner = ModelRunner(arch, args.dtype, self.device, args.kv_cache_dtype)
         self.runner.load_weights(iter_weights(source))
         num_blocks = self._num_kv_blocks(args)
         if num_blocks * args.block_size < max_model_len:
@@ -67,7 +67,11 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
         kv_mib = num_blocks * self.runner.kv_bytes_per_block(args.block_size) / 2**20
         logger.info(
-            "# KV blocks: %d (block size %d, %.1f MiB)", num_blocks, args.block_size, kv_mib
+            "# KV blocks: %d (block size %d, %.1f MiB, kv_cache_dtype %s)",
+            num_blocks,
+            args.block_size,
+            kv_mib,
+            args.kv_cache_dtype,
         )
         logger.info(
             "Maximum concurrency for %d tokens per request: %.2fx",

@@ -34,7 +34,11 @@ class ModelInputs:
 
 
 def build_inputs(
-    scheduled: list[ScheduledRequest], block_size: int, head_dim: int, device: torch.device
+    scheduled: list[ScheduledRequest],
+    block_size: int,
+    head_dim: int,
+    device: torch.device,
+    int8_cache: bool = False,
 ) -> ModelInputs:
     requests = sorted(scheduled, key=lambda s: s.num_tokens > 1)  # stable: decodes first
     n = len(requests)
@@ -66,7 +70,7 @@ def build_inputs(
             seq_lens[:num_decodes],
             block_size,
             to,
-            use_native_decode(device, head_dim),
+            use_native_decode(device, head_dim, block_size, int8_cache),
         )
     prefills = [
         _prefill_seq(

@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from pagedllm.config import KV_CACHE_DTYPES
 from pagedllm.model_executor.hugepages import zeros_hugepage
 from pagedllm.model_executor.input_batch import build_inputs
 from pagedllm.model_executor.layers.linear import pack_linear_weights
@@ -24,9 +25,14 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class ModelRunner:
-    def __init__(self, arch: ArchConfig, dtype: str, device: torch.device) -> None:
+    def __init__(
+        self, arch: ArchConfig, dtype: str, device: torch.device, kv_cache_dtype: str = "auto"
+    ) -> None:
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
         self.dtype = TORCH_DTYPES[dtype]
+        self.kv_int8 = kv_cache_dtype == "int8"
         self.device = device
         if device.type == "cpu":
             tune_glibc_malloc()
@@ -52,35 +58,35 @@ class ModelRunner:
         self.model.eval()
 
     def kv_bytes_per_block(self, block_size: int) -> int:
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        return (
-            2
-            * self.arch.num_layers
-            * block_size
-            * self.arch.num_kv_heads
-            * self.arch.head_dim
-            * elt
+        # int8: one byte per value plus a 4-byte scale per token and head.
+        per_token_head = (
+            self.arch.head_dim + 4
+            if self.kv_int8
+            else self.arch.head_dim * torch.empty((), dtype=self.dtype).element_size()
         )
+        return 2 * self.arch.num_layers * block_size * self.arch.num_kv_heads * per_token_head
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         h, d = self.arch.num_kv_heads, self.arch.head_dim
         # Layouts: see layers/attention.py. Zeroed: the torch fallback multiplies masked-out
         # slots by 0, so they must not hold NaNs.
+        if self.kv_int8:
+            shapes = [(num_blocks, h, block_size * (d + 4))] * 2
+        else:
+            shapes = [(num_blocks, h, d, block_size), (num_blocks, h, block_size, d)]
+        dtype = torch.int8 if self.kv_int8 else self.dtype
         self.kv_caches = [
-            (
-                self._zeros((num_blocks, h, d, block_size)),
-                self._zeros((num_blocks, h, block_size, d)),
-            )
+            (self._zeros(shapes[0], dtype), self._zeros(shapes[1], dtype))
             for _ in range(self.arch.num_layers)
         ]
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
             layer.kv_cache = cache
 
-    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cpu":
-            return zeros_hugepage(shape, self.dtype)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+            return zeros_hugepage(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -92,7 +98,11 @@ class ModelRunner:
         every scheduled token's fp32 logits in batch order: for tests."""
         assert self.block_size is not None, "allocate_kv_cache first"
         inputs = build_inputs(
-            scheduler_output.scheduled, self.block_size, self.arch.head_dim, self.device
+            scheduler_output.scheduled,
+            self.block_size,
+            self.arch.head_dim,
+            self.device,
+            int8_cache=self.kv_int8,
         )
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
         if all_positions:

@@ -318,3 +318,34 @@ def test_half_precision_dtypes_stay_close_to_fp32(tiny_llama_dir, dtype):
     for token_id, lp in want.items():
         assert token_id in got and abs(got[token_id].logprob - lp.logprob) < 0.1
     assert_no_leak(low)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_kv_cache_holds_more_tokens_and_frees_every_block(tiny_llama_dir, dtype):
+    """--kv-cache-dtype int8: the same memory budget holds more blocks (1 byte per value plus
+    a 4-byte scale per token and head, against 2 or 4 bytes); batched and prefix-cached
+    requests still start with the fp cache's greedy tokens, and free every block."""
+    fp = make_engine(tiny_llama_dir, dtype=dtype)
+    q8 = make_engine(tiny_llama_dir, dtype=dtype, kv_cache_dtype="int8")
+    head_dim = 64 // 4
+    elt = 4 if dtype == "float32" else 2
+    ratio = q8.kv_cache_manager.num_blocks / fp.kv_cache_manager.num_blocks
+    assert ratio == pytest.approx(head_dim * elt / (head_dim + 4), rel=0.01)
+    shared = prompts(1, length=40)[0]
+    ps = prompts(6) + [shared + [5, 6], shared + [7, 8]]
+    outs = {}
+    for name, engine in (("fp", fp), ("q8", q8)):
+        for i, p in enumerate(ps):
+            engine.add_request(str(i), p, GREEDY)
+        outs[name] = run_all(engine)
+        assert_no_leak(engine)
+    same = sum(
+        outs["fp"][k].outputs[0].token_ids[:4] == outs["q8"][k].outputs[0].token_ids[:4]
+        for k in outs["fp"]
+    )
+    assert same >= len(ps) - 1
+
+
+def test_kv_cache_dtype_is_validated():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineArgs(kv_cache_dtype="fp4")

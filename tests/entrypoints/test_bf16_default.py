@@ -42,14 +42,25 @@ def bf16_llm(default_gguf):
     return llm
 
 
-def test_bf16_chat_answers_stay_coherent(bf16_llm, smol_llm):
+def _check_answers(llm, smol_llm, label: str, max_differing_starts: int) -> None:
     conversations = [[{"role": "user", "content": q}] for q, _ in QUESTIONS]
     params = SamplingParams(temperature=0.0, max_tokens=32)
-    bf16 = [o.outputs[0].text for o in bf16_llm.chat(conversations, params)]
+    got = [o.outputs[0].text for o in llm.chat(conversations, params)]
     fp32 = [o.outputs[0].text for o in smol_llm.chat(conversations, params)]
-    for (question, answer), text in zip(QUESTIONS, bf16):
-        assert re.search(answer, text.lower()), f"bf16 answered {question!r} with {text!r}"
+    for (question, answer), text in zip(QUESTIONS, got):
+        assert re.search(answer, text.lower()), f"{label} answered {question!r} with {text!r}"
     # Not just the right keyword: the answers are the fp32 model's, word for word, for most
     # questions (greedy decoding can part ways late on a near-tie).
-    same_start = sum(b.split()[:6] == f.split()[:6] for b, f in zip(bf16, fp32))
-    assert same_start >= len(QUESTIONS) - 1, list(zip(bf16, fp32))
+    same_start = sum(b.split()[:6] == f.split()[:6] for b, f in zip(got, fp32))
+    assert same_start >= len(QUESTIONS) - max_differing_starts, list(zip(got, fp32))
+
+
+def test_bf16_chat_answers_stay_coherent(bf16_llm, smol_llm):
+    _check_answers(bf16_llm, smol_llm, "bf16", max_differing_starts=1)
+
+
+def test_int8_kv_cache_answers_stay_coherent(default_gguf, smol_llm):
+    """--kv-cache-dtype int8 on the real model, in the default dtype: still the right answers,
+    mostly word for word the fp32 model's."""
+    llm = LLM(default_gguf, kv_cache_dtype="int8", kv_cache_memory=64 * 2**20, max_model_len=1024)
+    _check_answers(llm, smol_llm, "int8 KV", max_differing_starts=2)

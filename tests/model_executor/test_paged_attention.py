@@ -24,13 +24,8 @@ def _reference(q, kc, vc, tables, lens, scale):
     return torch.stack(outs)
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize(
-    "head_dim,heads,kv_heads,block_size",
-    [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5), (64, 8, 2, 32)],
-)
-def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
+def _decode_case(dtype, head_dim, heads, kv_heads, block_size):
+    """Five sequences (lengths 1 to 100) over shuffled blocks of a natural-layout cache."""
     torch.manual_seed(0)
     lens = torch.tensor([1, 7, 33, 100, 64], dtype=torch.long)
     nb = int(-(-lens.max() // block_size))
@@ -39,7 +34,17 @@ def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, 
     vc = torch.randn_like(kc)
     tables = torch.randperm(num_blocks)[: 5 * nb].view(5, nb).long()
     q = torch.randn(5, heads, head_dim).to(dtype)
-    scale = head_dim**-0.5
+    return q, kc, vc, tables, lens, head_dim**-0.5
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "head_dim,heads,kv_heads,block_size",
+    [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5), (64, 8, 2, 32)],
+)
+def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
+    q, kc, vc, tables, lens, scale = _decode_case(dtype, head_dim, heads, kv_heads, block_size)
     k_layout = kc.permute(0, 2, 3, 1).contiguous()  # [NB, Hkv, D, BS]
     v_layout = vc.permute(0, 2, 1, 3).contiguous()  # [NB, Hkv, BS, D]
     got = torch.ops.pagedllm.paged_attention_decode(
@@ -47,3 +52,71 @@ def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, 
     )
     ref = _reference(q, kc, vc, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+def _int8_cache(kc, vc, block_size, native_write):
+    """Quantize natural-layout caches ([NB, BS, Hkv, D]) into int8 records through write_kv."""
+    from pagedllm.model_executor.layers import attention
+
+    nb, bs, h, d = kc.shape
+    k8 = torch.zeros(nb, h, bs * (d + 4), dtype=torch.int8)
+    v8 = torch.zeros_like(k8)
+    slots = torch.arange(nb * bs)
+    if native_write:
+        attention.write_kv(k8, v8, kc.flatten(0, 1), vc.flatten(0, 1), slots)
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attention, "use_native", lambda *a: False)
+            attention.write_kv(k8, v8, kc.flatten(0, 1), vc.flatten(0, 1), slots)
+    return k8, v8
+
+
+def _dequantized(k8, v8, head_dim):
+    """int8 records -> natural-layout fp32 caches [NB, BS, Hkv, D]."""
+    from pagedllm.model_executor.layers.attention import int8_views
+
+    kv, ks = int8_views(k8, head_dim, transposed=True)
+    vv, vs = int8_views(v8, head_dim, transposed=False)
+    k = (kv.float() * ks[:, :, None, :]).permute(0, 3, 1, 2)
+    v = (vv.float() * vs[..., None]).permute(0, 2, 1, 3)
+    return k, v
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cache_write_native_equals_torch(dtype):
+    torch.manual_seed(0)
+    kc = (torch.randn(6, 16, 3, 64) * torch.rand(6, 16, 3, 1) * 4).to(dtype)
+    kc[0, 0, 0] = 0  # an all-zero head: scale 0, values 0
+    vc = torch.randn_like(kc)
+    native = _int8_cache(kc, vc, 16, native_write=True)
+    fallback = _int8_cache(kc, vc, 16, native_write=False)
+    assert torch.equal(native[0], fallback[0]) and torch.equal(native[1], fallback[1])
+    k, v = _dequantized(*native, 64)
+    # symmetric int8 per (token, head): error at most half a step of max|x| / 127
+    step = kc.float().abs().amax(-1, keepdim=True) / 127
+    assert ((k - kc.float()).abs() <= step / 2 + 1e-6).all()
+    assert k[0, 0, 0].abs().max() == 0
+    torch.testing.assert_close(v, vc.float(), atol=0.02, rtol=0.02)
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "head_dim,heads,kv_heads,block_size",
+    [(64, 9, 3, 16), (32, 4, 4, 32), (64, 10, 2, 16), (128, 8, 1, 16)],
+)
+def test_native_int8_decode_matches_dequantized_reference(
+    dtype, tol, head_dim, heads, kv_heads, block_size
+):
+    """The kernel on int8 records == exact attention over the dequantized K/V (GQA groups of
+    3, 1, 5 (runtime group size) and 8)."""
+    q, kc, vc, tables, lens, scale = _decode_case(dtype, head_dim, heads, kv_heads, block_size)
+    k8, v8 = _int8_cache(kc, vc, block_size, native_write=True)
+    got = torch.ops.pagedllm.paged_attention_decode(q, k8, v8, tables, lens, scale, int(lens.max()))
+    kd, vd = _dequantized(k8, v8, head_dim)
+    ref = _reference(q, kd, vd, tables, lens, scale)
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+    # and int8 stays close to attention over the unquantized cache
+    exact = _reference(q, kc, vc, tables, lens, scale)
+    assert (got.float() - exact).abs().max() < 0.05

@@ -7,6 +7,10 @@ KV cache of one layer:
     V: [num_blocks, num_kv_heads, block_size, head_dim]    kernel scores a block with vector FMAs)
      slot s = block_id * block_size + offset   (slot_mapping holds one slot per new token)
 
+With ``kv_cache_dtype="int8"`` each (block, kv head) is one int8 record of
+``block_size * (head_dim + 4)`` bytes: the values in the layout above, then one fp32 scale per
+token (symmetric, max|x| / 127 over the head's head_dim values). ``int8_views`` splits a record.
+
 Tokens arrive ordered decode requests first (one query each), then prefills (the model runner
 sorts them):
   * decodes: one call of the native kernel, which reads K/V in place through the block tables
@@ -50,6 +54,26 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
 
 
+def int8_views(
+    cache: torch.Tensor, head_dim: int, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 cache [NB, H, BS * (D + 4)] -> (values [NB, H, D, BS] if ``transposed`` (K) else
+    [NB, H, BS, D] (V), scales [NB, H, BS] fp32), both views of the cache."""
+    nb, h, rec = cache.shape
+    bs = rec // (head_dim + 4)
+    shape = (nb, h, head_dim, bs) if transposed else (nb, h, bs, head_dim)
+    return cache[..., : bs * head_dim].view(shape), cache[..., bs * head_dim :].view(torch.float32)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: x ~ q * scale[..., None]."""
+    amax = x.float().abs().amax(dim=-1)
+    scale = amax / 127
+    # A true division, as the native kernel does (``127 / tensor`` multiplies by a reciprocal).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return torch.round(x.float() * inv[..., None]).to(torch.int8), scale
+
+
 def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -57,8 +81,20 @@ def write_kv(
     v: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    if use_native(k) and k.dtype == k_cache.dtype:
+    quantized = k_cache.dtype == torch.int8
+    if use_native(k) and (quantized or k.dtype == k_cache.dtype):
         torch.ops.pagedllm.reshape_and_cache(k, v, k_cache, v_cache, slots)
+        return
+    if quantized:
+        (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+        kvals, kscales = int8_views(k_cache, k.shape[-1], transposed=True)
+        vvals, vscales = int8_views(v_cache, v.shape[-1], transposed=False)
+        block_size = vvals.shape[2]
+        blocks, offsets = slots // block_size, slots % block_size
+        kvals.permute(0, 3, 1, 2)[blocks, offsets] = kq
+        vvals.permute(0, 2, 1, 3)[blocks, offsets] = vq
+        kscales.permute(0, 2, 1)[blocks, offsets] = ks
+        vscales.permute(0, 2, 1)[blocks, offsets] = vs
         return
     block_size = v_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
@@ -70,7 +106,11 @@ def write_kv(
 NATIVE_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
 
-def use_native_decode(device: torch.device, head_dim: int) -> bool:
+def use_native_decode(
+    device: torch.device, head_dim: int, block_size: int = 16, int8_cache: bool = False
+) -> bool:
+    if int8_cache and (block_size % 16 or head_dim % 16):
+        return False
     return device.type == "cpu" and head_dim in NATIVE_HEAD_DIMS and native_ops_available()
 
 
@@ -98,12 +138,12 @@ def paged_attention(
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             mask, causal = None, True
         else:
-            ks, vs = gather_kv(k_cache, v_cache, s.block_table)
+            ks, vs = gather_kv(k_cache, v_cache, s.block_table, q.shape[-1], q.dtype)
             mask, causal = s.key_mask, False
         res = F.scaled_dot_product_attention(
             qs,
-            ks.to(q.dtype).unsqueeze(0),
-            vs.to(q.dtype).unsqueeze(0),
+            ks.unsqueeze(0),
+            vs.unsqueeze(0),
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
@@ -120,13 +160,14 @@ def _decode(q, k_cache, v_cache, d: DecodeMetadata, scale: float) -> torch.Tenso
         )
     # Fallback: gather every sequence's blocks, mask by length, one SDPA.
     b, nb = d.block_tables.shape
-    _, h, bs, dim = v_cache.shape
-    ks = k_cache[d.block_tables].permute(0, 2, 1, 4, 3).reshape(b, h, nb * bs, dim)
-    vs = v_cache[d.block_tables].transpose(1, 2).reshape(b, h, nb * bs, dim)
+    ks, vs = gather_kv(k_cache, v_cache, d.block_tables.flatten(), q.shape[-1], q.dtype)
+    h, dim = ks.shape[0], ks.shape[-1]
+    ks = ks.view(h, b, -1, dim).transpose(0, 1)
+    vs = vs.view(h, b, -1, dim).transpose(0, 1)
     res = F.scaled_dot_product_attention(
         q.unsqueeze(2),
-        ks.to(q.dtype),
-        vs.to(q.dtype),
+        ks,
+        vs,
         attn_mask=d.key_mask,
         scale=scale,
         enable_gqa=h != q.shape[1],
@@ -135,10 +176,22 @@ def _decode(q, k_cache, v_cache, d: DecodeMetadata, scale: float) -> torch.Tenso
 
 
 def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    head_dim: int,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's blocks -> K, V as [num_kv_heads, nb * block_size, head_dim]."""
-    _, h, bs, d = v_cache.shape
-    k = k_cache[block_table].permute(1, 0, 3, 2).reshape(h, -1, d)
-    v = v_cache[block_table].transpose(0, 1).reshape(h, -1, d)
-    return k, v
+    """The listed blocks -> K, V as [num_kv_heads, nb * block_size, head_dim] in ``dtype``
+    (an int8 cache is dequantized)."""
+    if k_cache.dtype == torch.int8:
+        kvals, kscales = int8_views(k_cache, head_dim, transposed=True)
+        vvals, vscales = int8_views(v_cache, head_dim, transposed=False)
+        k = kvals[block_table].float() * kscales[block_table][:, :, None, :]
+        v = vvals[block_table].float() * vscales[block_table][..., None]
+    else:
+        k, v = k_cache[block_table], v_cache[block_table]
+    h = k.shape[1]
+    k = k.permute(1, 0, 3, 2).reshape(h, -1, head_dim)
+    v = v.transpose(0, 1).reshape(h, -1, head_dim)
+    return k.to(dtype), v.to(dtype)

@@ -20,3 +20,8 @@ def test_serve_step_budget_default_and_overrides():
     assert _engine_args(["--max-num-batched-tokens", "4096"]).max_num_batched_tokens == 4096
     # Without chunked prefill a step must hold a whole prompt: the engine picks the budget.
     assert _engine_args(["--no-enable-chunked-prefill"]).max_num_batched_tokens is None
+
+
+def test_kv_cache_dtype_flag():
+    assert _engine_args([]).kv_cache_dtype == "auto"
+    assert _engine_args(["--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"

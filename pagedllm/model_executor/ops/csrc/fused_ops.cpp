@@ -14,7 +14,10 @@
 
 #include "vec_math.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -153,10 +156,68 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+// Symmetric int8 per (token, head): x ~ q * scale, scale = max|x| / 127. Records as read by
+// the int8 decode kernel: [D][BS] (K^T) or [BS][D] (V) int8 values, then BS fp32 scales.
+template <typename T>
+inline float quantize_row(const T* x, int64_t d, int8_t* dst, int64_t dst_stride) {
+  float amax = 0.f;
+  int64_t i = 0;
+  if constexpr (!std::is_same_v<T, double>) {
+    pagedllm::v16f m = {};
+    if (d % 16 == 0)
+      for (; i < d; i += 16) {
+        const pagedllm::v16f v = pagedllm::load16(x + i);
+        const pagedllm::v16f a = v < 0 ? -v : v;
+        m = a > m ? a : m;
+      }
+    for (int l = 0; l < 16; ++l) amax = std::max(amax, m[l]);
+  }
+  for (; i < d; ++i) amax = std::max(amax, std::fabs(load_f(x[i])));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (i = 0; i < d; ++i)
+    dst[i * dst_stride] = static_cast<int8_t>(std::nearbyint(load_f(x[i]) * inv));
+  return amax / 127.f;
+}
+
+void reshape_and_cache_int8(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                            at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  const int64_t tokens = k.size(0), h = k.size(1), d = k.size(2);
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == at::kChar && k_cache.size(2) % (d + 4) == 0 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "reshape_and_cache: int8 caches are [NB, Hkv, BS * (D + 4)]");
+  const int64_t bs = k_cache.size(2) / (d + 4), rec = k_cache.size(2);
+  const int64_t kst = k.stride(0), vst = v.stride(0);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  int8_t* kc = k_cache.data_ptr<int8_t>();
+  int8_t* vc = v_cache.data_ptr<int8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "cache_int8", [&] {
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t blk = slots[t] / bs, off = slots[t] % bs;
+        for (int64_t hh = 0; hh < h; ++hh) {
+          int8_t* kr = kc + (blk * h + hh) * rec;
+          int8_t* vr = vc + (blk * h + hh) * rec;
+          const float ks = quantize_row(kp + t * kst + hh * d, d, kr + off, bs);
+          const float vs = quantize_row(vp + t * vst + hh * d, d, vr + off * d, 1);
+          std::memcpy(kr + bs * d + off * 4, &ks, 4);
+          std::memcpy(vr + bs * d + off * 4, &vs, 4);
+        }
+      }
+    });
+  });
+}
+
 void reshape_and_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                        at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
                   v.stride(1) == v.size(2), "reshape_and_cache: heads must be contiguous");
+  if (k_cache.scalar_type() == at::kChar) {
+    reshape_and_cache_int8(k, v, k_cache, v_cache, slot_mapping);
+    return;
+  }
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
               "reshape_and_cache: dtype mismatch");
   const int64_t tokens = k.size(0), h = k.size(1), d = k.size(2);

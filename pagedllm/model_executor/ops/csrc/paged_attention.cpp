@@ -28,6 +28,8 @@ using pagedllm::exp_approx;
 using pagedllm::load_f;
 
 constexpr int kMaxGroup = 16;
+// Independent partial sums over head_dim in the score loops (head_dim % kSplit == 0).
+constexpr int kSplit = 4;
 
 // Blocks of one sequence are scattered, so the hardware prefetcher cannot run ahead across
 // them (the decode kernel is DRAM-bound): fetch the next block's slice into L1 while computing
@@ -75,6 +77,12 @@ inline void softmax(float* s, int64_t len) {
   for (int64_t j = nv; j < len; ++j) s[j] *= inv;
 }
 
+// The G query heads sharing one kv head, pre-multiplied by the softmax scale, as fp32.
+template <int D, typename T>
+inline void load_queries(const T* q, int64_t group, float scale, float* qf) {
+  for (int64_t i = 0; i < group * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
+}
+
 // BS > 0: compile-time block size (vectorizes to full registers); BS == 0: runtime.
 // G > 0: compile-time query heads per kv head (accumulators stay in registers); 0: runtime.
 template <typename T, int D, int BS, int G>
@@ -95,10 +103,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       const int64_t len = seq_lens[b];
       const int64_t nblocks = (len + bs - 1) / bs;
       const int64_t* table = block_tables + b * max_blocks;
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qp = q + (b * num_heads + hk * group + g) * D;
-        for (int d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[d]) * scale;
-      }
+      load_queries<D>(q + (b * num_heads + hk * group) * D, group, scale, qf.data());
       // scores[g, j] = q_g . k_j, one block (bs keys) at a time
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const T* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
@@ -109,14 +114,21 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
                             head_stride);
         float* __restrict s0 = scores.data() + blk * bs;
         if constexpr (BS == 16 && G > 0) {
-          v16f sacc[G] = {};
-          for (int d = 0; d < D; ++d) {
-            const v16f kv = load16(kt + d * 16);
+          // kSplit partial sums per query head: G chains alone would wait on the FMA latency.
+          v16f sacc[G][kSplit] = {};
+          for (int d = 0; d < D; d += kSplit) {
+#pragma GCC unroll 4
+            for (int u = 0; u < kSplit; ++u) {
+              const v16f kv = load16(kt + (d + u) * 16);
 #pragma GCC unroll 16
-            for (int g = 0; g < G; ++g) sacc[g] += qf[g * D + d] * kv;
+              for (int g = 0; g < G; ++g) sacc[g][u] += qf[g * D + d + u] * kv;
+            }
           }
 #pragma GCC unroll 16
-          for (int g = 0; g < G; ++g) std::memcpy(s0 + g * max_len_padded, &sacc[g], 64);
+          for (int g = 0; g < G; ++g) {
+            const v16f sum = (sacc[g][0] + sacc[g][1]) + (sacc[g][2] + sacc[g][3]);
+            std::memcpy(s0 + g * max_len_padded, &sum, 64);
+          }
         } else if constexpr (BS > 0) {
           // Register-resident accumulators: group x BS floats.
           constexpr int kRows = G > 0 ? G : kMaxGroup;
@@ -178,8 +190,9 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         }
         for (int g = 0; g < G; ++g) {
           T* op = out + (b * num_heads + hk * group + g) * D;
-          for (int c = 0; c < NV; ++c)
-            for (int i = 0; i < 16; ++i) op[16 * c + i] = static_cast<T>(vacc[g][c][i]);
+          alignas(64) float res[D];  // see decode_int8_impl
+          for (int c = 0; c < NV; ++c) pagedllm::store16(res + 16 * c, vacc[g][c]);
+          for (int d = 0; d < D; ++d) op[d] = static_cast<T>(res[d]);
         }
         continue;
       }
@@ -208,6 +221,156 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       }
     }
   });
+}
+
+// int8 cache (--kv-cache-dtype int8): half the bytes of bf16 for a kernel bound by reading
+// them. One record per (block, kv head), contiguous so a block costs one stream of reads:
+//   K: int8 [D][BS] (K^T, as above) then BS fp32 scales;  V: int8 [BS][D] then BS fp32 scales
+// with k = k_int8 * k_scale per (token, head). The scales are applied once per 16 scores (K)
+// and folded into the probabilities (V). Needs BS % 16 == 0 and D % 16 == 0.
+// out[g] = sum_j p[g][j] v_j over an int8 V cache (scales already folded into p). A function
+// of its own: inlined into the kernel, GCC kept the accumulators in memory.
+template <typename T, int D, int BS, int G>
+__attribute__((noinline)) void int8_weighted_sum_v(
+    const int8_t* v_cache, const int64_t* table, int64_t nblocks, int64_t block_stride,
+    int64_t head_offset, int64_t bs_rt, int64_t len, const float* scores,
+    int64_t max_len_padded, int64_t group_rt, T* out) {
+  constexpr int kG = G > 0 ? G : kMaxGroup;
+  constexpr int NV = D / 16;
+  const int64_t bs = BS > 0 ? BS : bs_rt;
+  const int64_t group = G > 0 ? G : group_rt;
+  const int64_t head_stride = bs * (D + 4);
+  prefetch_slice(v_cache + table[0] * block_stride + head_offset, head_stride);
+  v16f vacc[kG][NV] = {};
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int8_t* __restrict vb = v_cache + table[blk] * block_stride + head_offset;
+    if (blk + 1 < nblocks)
+      prefetch_slice(v_cache + table[blk + 1] * block_stride + head_offset, head_stride);
+    if (blk + kFarAhead < nblocks)
+      prefetch_slice<1>(v_cache + table[blk + kFarAhead] * block_stride + head_offset,
+                        head_stride);
+    const int64_t n = std::min<int64_t>(bs, len - blk * bs);
+    const float* __restrict p0 = scores + blk * bs;
+    for (int64_t j = 0; j < n; ++j) {
+      v16f vv[NV];
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) vv[c] = load16(vb + j * D + 16 * c);
+#pragma GCC unroll 16
+      for (int g = 0; g < kG; ++g) {
+        if (G == 0 && g >= group) break;
+        const float p = p0[g * max_len_padded + j];
+#pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) vacc[g][c] += p * vv[c];
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    alignas(64) float res[D];
+    for (int c = 0; c < NV; ++c) pagedllm::store16(res + 16 * c, vacc[g][c]);
+    for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(res[d]);
+  }
+}
+
+template <typename T, int D, int BS, int G>
+void decode_int8_impl(const T* q, const int8_t* k_cache, const int8_t* v_cache,
+                      const int64_t* block_tables, const int64_t* seq_lens, T* out,
+                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t bs_rt,
+                      int64_t max_blocks, float scale, int64_t max_seq_len) {
+  const int64_t bs = BS > 0 ? BS : bs_rt;
+  static_assert(D % 16 == 0, "int8 decode needs head_dim % 16 == 0");
+  constexpr int kG = G > 0 ? G : kMaxGroup;
+  constexpr int NV = D / 16;
+  const int64_t group = G > 0 ? G : num_heads / num_kv_heads;
+  const int64_t head_stride = bs * (D + 4);  // bytes of one record
+  const int64_t block_stride = num_kv_heads * head_stride;
+  const int64_t max_len_padded = ((std::max<int64_t>(max_seq_len, 1) + bs - 1) / bs) * bs;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * max_len_padded);
+    std::vector<float> qf(group * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
+      const int64_t len = seq_lens[b];
+      const int64_t nblocks = (len + bs - 1) / bs;
+      const int64_t* table = block_tables + b * max_blocks;
+      load_queries<D>(q + (b * num_heads + hk * group) * D, group, scale, qf.data());
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int8_t* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
+        if (blk + 1 < nblocks)
+          prefetch_slice(k_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
+        if (blk + kFarAhead < nblocks)
+          prefetch_slice<1>(k_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
+                            head_stride);
+        const float* ksc = reinterpret_cast<const float*>(kt + bs * D);
+        for (int64_t c = 0; c < bs; c += 16) {
+          v16f sacc[kG][kSplit] = {};
+          for (int d = 0; d < D; d += kSplit) {
+#pragma GCC unroll 4
+            for (int u = 0; u < kSplit; ++u) {
+              const v16f kv = load16(kt + (d + u) * bs + c);
+#pragma GCC unroll 16
+              for (int g = 0; g < (G > 0 ? G : group); ++g) sacc[g][u] += qf[g * D + d + u] * kv;
+            }
+          }
+          const v16f sc = load16(ksc + c);
+          for (int g = 0; g < (G > 0 ? G : group); ++g) {
+            const v16f sum = (sacc[g][0] + sacc[g][1]) + (sacc[g][2] + sacc[g][3]);
+            pagedllm::store16(scores.data() + g * max_len_padded + blk * bs + c, sum * sc);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * max_len_padded, len);
+      // Fold V's scales into the probabilities (in the V loop itself, GCC spilled vacc).
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const float* vsc = reinterpret_cast<const float*>(
+            v_cache + table[blk] * block_stride + hk * head_stride + bs * D);
+        for (int64_t g = 0; g < group; ++g) {
+          float* p = scores.data() + g * max_len_padded + blk * bs;
+          for (int64_t j = 0; j < bs; ++j) p[j] *= vsc[j];
+        }
+      }
+      int8_weighted_sum_v<T, D, BS, G>(v_cache, table, nblocks, block_stride,
+                                       hk * head_stride, bs, len, scores.data(), max_len_padded,
+                                       group, out + (b * num_heads + hk * group) * D);
+    }
+  });
+}
+
+template <typename T, int D>
+void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                         const at::Tensor& seq_lens, at::Tensor& out, double scale,
+                         int64_t max_seq_len) {
+  if constexpr (D % 16 != 0) {
+    TORCH_CHECK(false, "int8 KV cache needs head_dim % 16 == 0, got ", D);
+  } else {
+    const int64_t block_size = k_cache.size(2) / (D + 4);
+    TORCH_CHECK(block_size * (D + 4) == k_cache.size(2) && block_size % 16 == 0,
+                "int8 KV cache: records of block_size * (head_dim + 4) bytes, block_size % 16 == 0");
+    auto run_g = [&](auto g_tag) {
+      constexpr int G = decltype(g_tag)::value;
+      if (block_size == 16)
+        decode_int8_impl<T, D, 16, G>(q.data_ptr<T>(), k_cache.data_ptr<int8_t>(),
+                                      v_cache.data_ptr<int8_t>(), block_tables.data_ptr<int64_t>(),
+                                      seq_lens.data_ptr<int64_t>(), out.data_ptr<T>(), q.size(0),
+                                      q.size(1), k_cache.size(1), block_size,
+                                      block_tables.size(1), static_cast<float>(scale),
+                                      max_seq_len);
+      else
+        decode_int8_impl<T, D, 0, G>(q.data_ptr<T>(), k_cache.data_ptr<int8_t>(),
+                                v_cache.data_ptr<int8_t>(), block_tables.data_ptr<int64_t>(),
+                                seq_lens.data_ptr<int64_t>(), out.data_ptr<T>(), q.size(0),
+                                q.size(1), k_cache.size(1), block_size, block_tables.size(1),
+                                static_cast<float>(scale), max_seq_len);
+    };
+    switch (q.size(1) / k_cache.size(1)) {
+      case 1: run_g(std::integral_constant<int, 1>{}); break;
+      case 2: run_g(std::integral_constant<int, 2>{}); break;
+      case 3: run_g(std::integral_constant<int, 3>{}); break;
+      case 4: run_g(std::integral_constant<int, 4>{}); break;
+      case 8: run_g(std::integral_constant<int, 8>{}); break;
+      default: run_g(std::integral_constant<int, 0>{}); break;
+    }
+  }
 }
 
 template <typename T, int D>
@@ -250,8 +413,12 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
                        at::Tensor& out, double scale, int64_t max_seq_len) {
 #define PAGEDLLM_CASE(HD)                                                                    \
   case HD:                                                                                   \
-    dispatch_block_size<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,      \
-                               max_seq_len);                                                 \
+    if (k_cache.scalar_type() == at::kChar)                                                  \
+      dispatch_int8_group<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,    \
+                                 max_seq_len);                                               \
+    else                                                                                     \
+      dispatch_block_size<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,    \
+                                 max_seq_len);                                               \
     break;
   switch (q.size(2)) {
     PAGEDLLM_CASE(16)
@@ -271,13 +438,21 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale,
                                   int64_t max_seq_len) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
-              "q [B, H, D], k_cache [NB, Hkv, D, BS], v_cache [NB, Hkv, BS, D]");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "inputs must be contiguous");
-  TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(3) == q.size(2), "head_dim mismatch");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q and cache dtypes differ");
+  if (k_cache.scalar_type() == at::kChar) {
+    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() &&
+                    v_cache.scalar_type() == at::kChar,
+                "int8 caches: q [B, H, D], k_cache and v_cache [NB, Hkv, BS * (D + 4)]");
+  } else {
+    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
+                "q [B, H, D], k_cache [NB, Hkv, D, BS], v_cache [NB, Hkv, BS, D]");
+    TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(3) == q.size(2),
+                "head_dim mismatch");
+    TORCH_CHECK(
+        q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+        "q and cache dtypes differ");
+  }
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
               "block_tables and seq_lens must be int64");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <immintrin.h>
 #include <cstring>
 
 namespace pagedllm {
@@ -62,6 +63,26 @@ inline v16f load16(const c10::Half* p) {
   v16f v;
   for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
   return v;
+}
+
+// GCC 12 scalarizes __builtin_convertvector from int8 lanes: spelled out with intrinsics.
+inline v16f load16(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<v16f>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  v16f v;
+  std::memcpy(&v, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  v16f v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
 }
 
 inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
