@@ -3,6 +3,9 @@ over workload prompts, and greedy agreement with the fp32 reference on chat prom
 
     .venv/bin/python benchmarks/bf16_quality.py [--num-prompts 40] [--max-tokens 64]
         [--kv-cache-dtype int8]   # bf16 with an int8 KV cache against the same fp32 reference
+        [--quantization int8]     # bf16 with int8 weights (forced for every step size here,
+                                  # prompt positions included; the engine uses them only in
+                                  # steps of <= INT8_MAX_ROWS tokens)
 
 Each prompt runs as two steps (its first token, then the rest) so that every later position
 attends to keys and values read back from the KV cache, as decoding does: with an int8 cache
@@ -17,6 +20,7 @@ import json
 import torch
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.model_executor.layers import linear
 from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
 
 CHAT_PROMPTS = [
@@ -51,12 +55,20 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    parser.add_argument("--quantization", default=None, choices=[None, "int8"])
     parser.add_argument("--output-json")
     args = parser.parse_args()
     rows = [json.loads(line) for line in open(args.workload)][: args.num_prompts]
     kw = dict(max_model_len=2048, kv_cache_memory=512 * 2**20)
     ref = LLM(dtype="float32", **kw)
-    bf = LLM(dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype, **kw)
+    bf = LLM(
+        dtype="bfloat16",
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        **kw,
+    )
+    if args.quantization:
+        linear.INT8_MAX_ROWS = 1 << 30
     tok = ref.get_tokenizer()
 
     kls, top1 = [], []
@@ -83,7 +95,8 @@ def main() -> None:
         total += len(tx)
         identical += tx == ty
     result = {
-        "candidate": f"bfloat16, kv_cache_dtype={args.kv_cache_dtype}",
+        "candidate": f"bfloat16, kv_cache_dtype={args.kv_cache_dtype}, "
+        f"quantization={args.quantization}",
         "num_positions": kl.numel(),
         "mean_kl": kl.mean().item(),
         "p99_kl": kl.quantile(0.99).item(),

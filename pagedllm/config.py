@@ -16,6 +16,7 @@ from pagedllm.cpu_info import has_native_bf16
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model dtype
+QUANTIZATIONS = (None, "int8")
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3
 
 
@@ -33,6 +34,7 @@ class EngineArgs:
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
@@ -48,6 +50,10 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
             )
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("block_size", self.block_size)

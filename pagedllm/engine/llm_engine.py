@@ -55,7 +55,9 @@ class LLMEngine:
             head_dim=arch.head_dim,
             eos_token_ids=_eos_token_ids(hf_config, self.tokenizer),
         )
-        self.runner = ModelRunner(arch, args.dtype, self.device, args.kv_cache_dtype)
+        self.runner = ModelRunner(
+            arch, args.dtype, self.device, args.kv_cache_dtype, args.quantization
+        )
         self.runner.load_weights(iter_weights(source))
         num_blocks = self._num_kv_blocks(args)
         if num_blocks * args.block_size < max_model_len:

@@ -27,6 +27,9 @@ HELP = {
     "kv_cache_dtype": "KV-cache storage: auto (the model dtype) or int8 (symmetric, one fp32 "
     "scale per token and head: half the bytes of bf16, so faster decoding of long contexts "
     "and ~1.9x the tokens per GiB, at a small accuracy cost; see docs/benchmarks.md)",
+    "quantization": "int8: also keep per-output-channel int8 copies of the matmul weights and "
+    "use them in steps of at most 4 tokens (batch-1 style decoding, bound by reading the "
+    "weights); larger steps keep the full-precision ones (default: none)",
     "gpu_memory_utilization": "fraction of GPU memory for weights + KV cache (CUDA only)",
     "num_kv_blocks": "exact number of KV blocks (overrides the memory budget; for tests)",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes across requests",

@@ -11,7 +11,10 @@ import torch
 from pagedllm.config import KV_CACHE_DTYPES
 from pagedllm.model_executor.hugepages import zeros_hugepage
 from pagedllm.model_executor.input_batch import build_inputs
-from pagedllm.model_executor.layers.linear import pack_linear_weights
+from pagedllm.model_executor.layers.linear import (
+    pack_linear_weights,
+    quantize_linear_weights_int8,
+)
 from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
@@ -26,13 +29,19 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 class ModelRunner:
     def __init__(
-        self, arch: ArchConfig, dtype: str, device: torch.device, kv_cache_dtype: str = "auto"
+        self,
+        arch: ArchConfig,
+        dtype: str,
+        device: torch.device,
+        kv_cache_dtype: str = "auto",
+        quantization: str | None = None,
     ) -> None:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
         self.dtype = TORCH_DTYPES[dtype]
         self.kv_int8 = kv_cache_dtype == "int8"
+        self.quantization = quantization
         self.device = device
         if device.type == "cpu":
             tune_glibc_malloc()
@@ -51,6 +60,8 @@ class ModelRunner:
             param.data = param.data.to(device=self.device, dtype=dtype)
         for layer in self.model.model.layers:
             layer.compute_dtype = self.dtype
+        if self.quantization == "int8":
+            quantize_linear_weights_int8(self.model)
         pack_linear_weights(self.model)
         for name, buf in self.model.named_buffers():
             module_name, _, attr = name.rpartition(".")

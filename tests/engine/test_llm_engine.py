@@ -349,3 +349,23 @@ def test_int8_kv_cache_holds_more_tokens_and_frees_every_block(tiny_llama_dir, d
 def test_kv_cache_dtype_is_validated():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineArgs(kv_cache_dtype="fp4")
+
+
+def test_int8_weight_quantization_decodes_close_to_full_precision(tiny_llama_dir):
+    """--quantization int8: one request decodes (1-row steps) through the int8 weights and still
+    starts with the full-precision greedy tokens; a batch of 6 prefills with the full ones."""
+    fp = make_engine(tiny_llama_dir)
+    w8 = make_engine(tiny_llama_dir, quantization="int8")
+    runner_linears = [
+        m for m in w8.runner.model.modules() if getattr(m, "int8_weight", None) is not None
+    ]
+    assert runner_linears, "no int8 weights were made"
+    p = prompts(1)[0]
+    for engine in (fp, w8):
+        engine.add_request("r", p, GREEDY)
+    a = run_all(fp)["r"].outputs[0].token_ids
+    b = run_all(w8)["r"].outputs[0].token_ids
+    assert a[:4] == b[:4], (a, b)
+    assert_no_leak(w8)
+    with pytest.raises(ValueError, match="quantization"):
+        EngineArgs(quantization="int4")

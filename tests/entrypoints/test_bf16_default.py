@@ -64,3 +64,13 @@ def test_int8_kv_cache_answers_stay_coherent(default_gguf, smol_llm):
     mostly word for word the fp32 model's."""
     llm = LLM(default_gguf, kv_cache_dtype="int8", kv_cache_memory=64 * 2**20, max_model_len=1024)
     _check_answers(llm, smol_llm, "int8 KV", max_differing_starts=2)
+
+
+def test_int8_weights_answers_stay_coherent(default_gguf, smol_llm):
+    """--quantization int8 on the real model: batch-1 style decoding (one conversation at a time,
+    so every decode step runs the int8 weights) still gives the right answers."""
+    llm = LLM(default_gguf, quantization="int8", kv_cache_memory=64 * 2**20, max_model_len=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    for question, answer in QUESTIONS:
+        text = llm.chat([[{"role": "user", "content": question}]], params)[0].outputs[0].text
+        assert re.search(answer, text.lower()), f"int8 weights answered {question!r} with {text!r}"

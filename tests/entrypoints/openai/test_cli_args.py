@@ -25,3 +25,8 @@ def test_serve_step_budget_default_and_overrides():
 def test_kv_cache_dtype_flag():
     assert _engine_args([]).kv_cache_dtype == "auto"
     assert _engine_args(["--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+
+
+def test_quantization_flag():
+    assert _engine_args([]).quantization is None
+    assert _engine_args(["--quantization", "int8"]).quantization == "int8"
