@@ -17,6 +17,7 @@ PACK_BATCH_HINT = 64
 # int8 halves those bytes; with more rows oneDNN's bf16 GEMM wins (torch's int8 kernel at 8 rows:
 # 168 vs 116 us for the 3072x576 gate/up projection).
 INT8_MAX_ROWS = 4
+NATIVE_INT8_MAX_ROWS = 4  # what ops/csrc/int8_linear.cpp takes (kMaxRows)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -42,7 +43,7 @@ class Linear(nn.Linear):
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
-        if use_native(x) and x.shape[0] <= 4 and x.shape[1] % 16 == 0:  # the kernel's limits
+        if use_native(x) and x.shape[0] <= NATIVE_INT8_MAX_ROWS and x.shape[1] % 16 == 0:
             out = torch.ops.pagedllm.int8_linear(x, self.int8_weight, self.int8_scales)
         else:
             out = torch._weight_int8pack_mm(x, self.int8_weight, self.int8_scales.to(x.dtype))
