@@ -3,6 +3,7 @@ over workload prompts, and greedy agreement with the fp32 reference on chat prom
 
     .venv/bin/python benchmarks/bf16_quality.py [--num-prompts 40] [--max-tokens 64]
         [--kv-cache-dtype int8]   # bf16 with an int8 KV cache against the same fp32 reference
+        [--dtype float32 --kv-cache-dtype bfloat16]   # fp32 with a bf16 KV cache
         [--quantization int8]     # bf16 with int8 weights (forced for every step size here,
                                   # prompt positions included; the engine uses them only in
                                   # steps of <= INT8_MAX_ROWS tokens)
@@ -54,7 +55,8 @@ def main() -> None:
     parser.add_argument("--workload", default="../shared/peers/workload.jsonl")
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "int8"])
     parser.add_argument("--quantization", default=None, choices=[None, "int8"])
     parser.add_argument("--output-json")
     args = parser.parse_args()
@@ -62,7 +64,7 @@ def main() -> None:
     kw = dict(max_model_len=2048, kv_cache_memory=512 * 2**20)
     ref = LLM(dtype="float32", **kw)
     bf = LLM(
-        dtype="bfloat16",
+        dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
         **kw,
@@ -95,7 +97,7 @@ def main() -> None:
         total += len(tx)
         identical += tx == ty
     result = {
-        "candidate": f"bfloat16, kv_cache_dtype={args.kv_cache_dtype}, "
+        "candidate": f"{args.dtype}, kv_cache_dtype={args.kv_cache_dtype}, "
         f"quantization={args.quantization}",
         "num_positions": kl.numel(),
         "mean_kl": kl.mean().item(),

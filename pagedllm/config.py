@@ -15,9 +15,11 @@ from pagedllm import envs
 from pagedllm.cpu_info import has_native_bf16
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model dtype
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")  # auto: the model dtype
 QUANTIZATIONS = (None, "int8")
-DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 1024**3
+# 4 GiB, as the peers' vLLM CPU set-up (VLLM_CPU_KVCACHE_SPACE=4): in fp32 the shared workload
+# (81K tokens at once) needs more than 2 GiB, which held 46.6K tokens and throttled it.
+DEFAULT_CPU_KV_CACHE_MEMORY = 4 * 1024**3
 
 
 @dataclass

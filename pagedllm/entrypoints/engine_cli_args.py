@@ -23,8 +23,9 @@ HELP = {
     "(default 2048; `pagedllm serve`: 1024, for a shorter time to first token)",
     "block_size": "tokens per KV-cache block",
     "kv_cache_memory": "KV-cache budget in bytes on CPU "
-    "(default 2 GiB, or env PAGEDLLM_KV_CACHE_MEMORY)",
-    "kv_cache_dtype": "KV-cache storage: auto (the model dtype) or int8 (symmetric, one fp32 "
+    "(default 4 GiB, or env PAGEDLLM_KV_CACHE_MEMORY)",
+    "kv_cache_dtype": "KV-cache storage: auto (the model dtype), bfloat16 (under an fp32 model: "
+    "half the bytes, the rest of the model stays fp32) or int8 (symmetric, one fp32 "
     "scale per token and head: half the bytes of bf16, so faster decoding of long contexts "
     "and ~1.9x the tokens per GiB, at a small accuracy cost; see docs/benchmarks.md)",
     "quantization": "int8: also keep per-output-channel int8 copies of the matmul weights and "

@@ -41,6 +41,13 @@ class ModelRunner:
         self.arch = arch
         self.dtype = TORCH_DTYPES[dtype]
         self.kv_int8 = kv_cache_dtype == "int8"
+        if kv_cache_dtype == "bfloat16" and self.dtype == torch.float16:
+            raise ValueError("kv_cache_dtype='bfloat16' needs dtype float32 or bfloat16")
+        # The cache's dtype: the model's, int8 records, or bf16 (also under an fp32 model:
+        # half the bytes the decode kernel streams, the matmuls and residual stay fp32).
+        self.kv_dtype = {"int8": torch.int8, "bfloat16": torch.bfloat16}.get(
+            kv_cache_dtype, self.dtype
+        )
         self.quantization = quantization
         self.device = device
         if device.type == "cpu":
@@ -73,7 +80,7 @@ class ModelRunner:
         per_token_head = (
             self.arch.head_dim + 4
             if self.kv_int8
-            else self.arch.head_dim * torch.empty((), dtype=self.dtype).element_size()
+            else self.arch.head_dim * torch.empty((), dtype=self.kv_dtype).element_size()
         )
         return 2 * self.arch.num_layers * block_size * self.arch.num_kv_heads * per_token_head
 
@@ -86,9 +93,8 @@ class ModelRunner:
             shapes = [(num_blocks, h, block_size * (d + 4))] * 2
         else:
             shapes = [(num_blocks, h, d, block_size), (num_blocks, h, block_size, d)]
-        dtype = torch.int8 if self.kv_int8 else self.dtype
         self.kv_caches = [
-            (self._zeros(shapes[0], dtype), self._zeros(shapes[1], dtype))
+            (self._zeros(shapes[0], self.kv_dtype), self._zeros(shapes[1], self.kv_dtype))
             for _ in range(self.arch.num_layers)
         ]
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):

@@ -4,6 +4,7 @@ seeds, stop conditions, aborts, bad input, and no leaked KV blocks after any of 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
@@ -320,6 +321,20 @@ def test_half_precision_dtypes_stay_close_to_fp32(tiny_llama_dir, dtype):
     assert_no_leak(low)
 
 
+def batch_with_shared_prefix() -> list[list[int]]:
+    """Six prompts plus two sharing a 40-token prefix (a prefix-cache hit)."""
+    shared = prompts(1, length=40)[0]
+    return prompts(6) + [shared + [5, 6], shared + [7, 8]]
+
+
+def run_leak_free(engine: LLMEngine, ps: list[list[int]], params: SamplingParams) -> dict:
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    outs = run_all(engine)
+    assert_no_leak(engine)
+    return outs
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int8_kv_cache_holds_more_tokens_and_frees_every_block(tiny_llama_dir, dtype):
     """--kv-cache-dtype int8: the same memory budget holds more blocks (1 byte per value plus
@@ -331,19 +346,37 @@ def test_int8_kv_cache_holds_more_tokens_and_frees_every_block(tiny_llama_dir, d
     elt = 4 if dtype == "float32" else 2
     ratio = q8.kv_cache_manager.num_blocks / fp.kv_cache_manager.num_blocks
     assert ratio == pytest.approx(head_dim * elt / (head_dim + 4), rel=0.01)
-    shared = prompts(1, length=40)[0]
-    ps = prompts(6) + [shared + [5, 6], shared + [7, 8]]
-    outs = {}
-    for name, engine in (("fp", fp), ("q8", q8)):
-        for i, p in enumerate(ps):
-            engine.add_request(str(i), p, GREEDY)
-        outs[name] = run_all(engine)
-        assert_no_leak(engine)
+    ps = batch_with_shared_prefix()
+    outs = {"fp": run_leak_free(fp, ps, GREEDY), "q8": run_leak_free(q8, ps, GREEDY)}
     same = sum(
         outs["fp"][k].outputs[0].token_ids[:4] == outs["q8"][k].outputs[0].token_ids[:4]
         for k in outs["fp"]
     )
     assert same >= len(ps) - 1
+
+
+def test_bf16_kv_cache_under_fp32_model(tiny_llama_dir):
+    """--kv-cache-dtype bfloat16 with dtype float32: twice the blocks in the same budget (2 bytes
+    per value instead of 4), fp32 logits close to the fp32 cache's, the same greedy tokens
+    (batched, prefix-cached), every block freed."""
+    fp = make_engine(tiny_llama_dir)
+    b16 = make_engine(tiny_llama_dir, kv_cache_dtype="bfloat16")
+    assert b16.runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert b16.kv_cache_manager.num_blocks == 2 * fp.kv_cache_manager.num_blocks
+    ps = batch_with_shared_prefix()
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1)
+    outs = {"fp": run_leak_free(fp, ps, params), "b16": run_leak_free(b16, ps, params)}
+    for k, out in outs["fp"].items():
+        got = outs["b16"][k].outputs[0]
+        assert got.token_ids == out.outputs[0].token_ids
+        for want_lp, got_lp in zip(out.outputs[0].logprobs, got.logprobs):
+            tok = next(iter(want_lp))
+            assert abs(got_lp[tok].logprob - want_lp[tok].logprob) < 0.02
+
+
+def test_bf16_kv_cache_needs_fp32_or_bf16_model(tiny_llama_dir):
+    with pytest.raises(ValueError, match="kv_cache_dtype='bfloat16'"):
+        make_engine(tiny_llama_dir, dtype="float16", kv_cache_dtype="bfloat16")
 
 
 def test_kv_cache_dtype_is_validated():

@@ -120,3 +120,51 @@ def test_native_int8_decode_matches_dequantized_reference(
     # and int8 stays close to attention over the unquantized cache
     exact = _reference(q, kc, vc, tables, lens, scale)
     assert (got.float() - exact).abs().max() < 0.05
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+@pytest.mark.parametrize(
+    "head_dim,heads,kv_heads,block_size",
+    [(64, 9, 3, 16), (16, 4, 2, 1), (64, 10, 2, 32), (128, 8, 8, 5)],
+)
+def test_bf16_cache_under_fp32(head_dim, heads, kv_heads, block_size):
+    """--kv-cache-dtype bfloat16 with an fp32 model: fp32 K/V written into a bf16 cache (native
+    == torch's rounding, bit for bit), then fp32 q against it == exact fp32 attention over the
+    rounded K/V, with an fp32 output."""
+    from pagedllm.model_executor.layers import attention
+
+    q, kc, vc, tables, lens, scale = _decode_case(
+        torch.float32, head_dim, heads, kv_heads, block_size
+    )
+    nb = kc.shape[0]
+    slots = torch.arange(nb * block_size)
+    caches = []
+    for native in (True, False):
+        k16 = torch.zeros(nb, kv_heads, head_dim, block_size, dtype=torch.bfloat16)
+        v16 = torch.zeros(nb, kv_heads, block_size, head_dim, dtype=torch.bfloat16)
+        with pytest.MonkeyPatch.context() as mp:
+            if not native:
+                mp.setattr(attention, "use_native", lambda *a: False)
+            attention.write_kv(k16, v16, kc.flatten(0, 1), vc.flatten(0, 1), slots)
+        caches.append((k16, v16))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    k16, v16 = caches[0]
+    assert torch.equal(k16, kc.to(torch.bfloat16).permute(0, 2, 3, 1))
+    got = torch.ops.pagedllm.paged_attention_decode(
+        q, k16, v16, tables, lens, scale, int(lens.max())
+    )
+    assert got.dtype == torch.float32
+    ref = _reference(q, kc.to(torch.bfloat16), vc.to(torch.bfloat16), tables, lens, scale)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # bf16 rounding of K/V alone moves the output by well under bf16's step
+    exact = _reference(q, kc, vc, tables, lens, scale)
+    assert (got - exact).abs().max() < 0.02
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+def test_fp16_q_with_bf16_cache_is_refused():
+    q, kc, vc, tables, lens, scale = _decode_case(torch.float16, 64, 4, 2, 16)
+    k16 = kc.to(torch.bfloat16).permute(0, 2, 3, 1).contiguous()
+    v16 = vc.to(torch.bfloat16).permute(0, 2, 1, 3).contiguous()
+    with pytest.raises(RuntimeError, match="bf16 under fp32"):
+        torch.ops.pagedllm.paged_attention_decode(q, k16, v16, tables, lens, scale, 100)

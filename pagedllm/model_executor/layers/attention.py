@@ -7,6 +7,9 @@ KV cache of one layer:
     V: [num_blocks, num_kv_heads, block_size, head_dim]    kernel scores a block with vector FMAs)
      slot s = block_id * block_size + offset   (slot_mapping holds one slot per new token)
 
+With ``kv_cache_dtype="bfloat16"`` under an fp32 model the cache is bf16 (rounded to nearest
+even on write) while q, the scores and the outputs stay fp32.
+
 With ``kv_cache_dtype="int8"`` each (block, kv head) is one int8 record of
 ``block_size * (head_dim + 4)`` bytes: the values in the layout above, then one fp32 scale per
 token (symmetric, max|x| / 127 over the head's head_dim values). ``int8_views`` splits a record.
@@ -82,7 +85,8 @@ def write_kv(
     slots: torch.Tensor,
 ) -> None:
     quantized = k_cache.dtype == torch.int8
-    if use_native(k) and (quantized or k.dtype == k_cache.dtype):
+    mixed = k.dtype == torch.float32 and k_cache.dtype == torch.bfloat16
+    if use_native(k) and (quantized or mixed or k.dtype == k_cache.dtype):
         torch.ops.pagedllm.reshape_and_cache(k, v, k_cache, v_cache, slots)
         return
     if quantized:

@@ -25,6 +25,7 @@ def test_serve_step_budget_default_and_overrides():
 def test_kv_cache_dtype_flag():
     assert _engine_args([]).kv_cache_dtype == "auto"
     assert _engine_args(["--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+    assert _engine_args(["--kv-cache-dtype", "bfloat16"]).kv_cache_dtype == "bfloat16"
 
 
 def test_quantization_flag():

@@ -210,6 +210,36 @@ void reshape_and_cache_int8(const at::Tensor& k, const at::Tensor& v, at::Tensor
   });
 }
 
+// Token t's K/V rows -> column `off` of its block's K^T and row `off` of its V, as C.
+template <typename S, typename C>
+void cache_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  const int64_t tokens = k.size(0), h = k.size(1), d = k.size(2);
+  const int64_t bs = v_cache.size(2), kst = k.stride(0), vst = v.stride(0);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const S* kp = k.data_ptr<S>();
+  const S* vp = v.data_ptr<S>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
+  auto cvt = [](S x) -> C {
+    if constexpr (std::is_same_v<S, C>) return x;
+    else return store_f<C>(load_f(x));
+  };
+  at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t blk = slots[t] / bs, off = slots[t] % bs;
+      for (int64_t hh = 0; hh < h; ++hh) {
+        const S* ks = kp + t * kst + hh * d;
+        const S* vs = vp + t * vst + hh * d;
+        C* kd = kc + ((blk * h + hh) * d) * bs + off;
+        C* vd = vc + ((blk * h + hh) * bs + off) * d;
+        for (int64_t i = 0; i < d; ++i) kd[i * bs] = cvt(ks[i]);
+        for (int64_t i = 0; i < d; ++i) vd[i] = cvt(vs[i]);
+      }
+    }
+  });
+}
+
 void reshape_and_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                        at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) &&
@@ -218,29 +248,16 @@ void reshape_and_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_c
     reshape_and_cache_int8(k, v, k_cache, v_cache, slot_mapping);
     return;
   }
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
               "reshape_and_cache: dtype mismatch");
-  const int64_t tokens = k.size(0), h = k.size(1), d = k.size(2);
-  const int64_t bs = v_cache.size(2), kst = k.stride(0), vst = v.stride(0);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  if (k.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16) {
+    cache_rows<float, c10::BFloat16>(k, v, k_cache, v_cache, slot_mapping);  // RNE, as torch
+    return;
+  }
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type(),
+              "reshape_and_cache: the cache must have the K/V dtype, or be bf16 under fp32");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "cache", [&] {
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t blk = slots[t] / bs, off = slots[t] % bs;
-        for (int64_t hh = 0; hh < h; ++hh) {
-          const scalar_t* ks = kp + t * kst + hh * d;
-          const scalar_t* vs = vp + t * vst + hh * d;
-          scalar_t* kd = kc + ((blk * h + hh) * d) * bs + off;  // column `off` of K^T
-          scalar_t* vd = vc + ((blk * h + hh) * bs + off) * d;
-          for (int64_t i = 0; i < d; ++i) kd[i * bs] = ks[i];
-          for (int64_t i = 0; i < d; ++i) vd[i] = vs[i];
-        }
-      }
-    });
+    cache_rows<scalar_t, scalar_t>(k, v, k_cache, v_cache, slot_mapping);
   });
 }
 

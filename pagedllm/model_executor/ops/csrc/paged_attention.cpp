@@ -20,6 +20,7 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -88,10 +89,12 @@ inline void load_queries(const T* q, int64_t group, float scale, float* qf) {
   for (int64_t i = 0; i < group * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
 }
 
-// BS > 0: compile-time block size (vectorizes to full registers); BS == 0: runtime.
-// G > 0: compile-time query heads per kv head (accumulators stay in registers); 0: runtime.
-template <typename T, int D, int BS, int G>
-void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+// T: the dtype of q and out; C: the cache's (T, or bf16 under an fp32 model with
+// --kv-cache-dtype bfloat16). BS > 0: compile-time block size (vectorizes to full registers);
+// BS == 0: runtime. G > 0: compile-time query heads per kv head (accumulators stay in
+// registers); 0: runtime.
+template <typename T, typename C, int D, int BS, int G>
+void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* block_tables,
                  const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_heads,
                  int64_t num_kv_heads, int64_t block_size_rt, int64_t max_blocks, float scale,
                  int64_t max_seq_len) {
@@ -111,7 +114,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       load_queries<D>(q + (b * num_heads + hk * group) * D, group, scale, qf.data());
       // scores[g, j] = q_g . k_j, one block (bs keys) at a time
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const T* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
+        const C* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
         if (blk + 1 < nblocks)
           prefetch_slice(k_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
         if (blk + kFarAhead < nblocks)
@@ -154,7 +157,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
           for (int64_t g = 0; g < group; ++g) std::fill(s0 + g * max_len_padded,
                                                         s0 + g * max_len_padded + bs, 0.f);
           for (int d = 0; d < D; ++d) {
-            const T* row = kt + d * bs;
+            const C* row = kt + d * bs;
             float* kf = buf.data();
             for (int64_t j = 0; j < bs; ++j) kf[j] = load_f(row[j]);
             for (int64_t g = 0; g < group; ++g) {
@@ -173,7 +176,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
         constexpr int NV = D / 16;
         v16f vacc[G][NV] = {};
         for (int64_t blk = 0; blk < nblocks; ++blk) {
-          const T* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+          const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
           if (blk + 1 < nblocks)
             prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
           if (blk + kFarAhead < nblocks)
@@ -206,7 +209,7 @@ void decode_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* 
       float* __restrict ac = G > 0 ? &local_acc[0][0] : acc.data();
       if (G == 0) std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const T* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+        const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
         const int64_t n = std::min<int64_t>(bs, len - blk * bs);
         const float* __restrict p0 = scores.data() + blk * bs;
         for (int64_t j = 0; j < n; ++j) {
@@ -370,7 +373,7 @@ void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
   }
 }
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, at::Tensor& out, double scale,
@@ -380,7 +383,7 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
   auto run_g = [&](auto bs_tag, auto g_tag) {
     constexpr int BS = decltype(bs_tag)::value;
     constexpr int G = decltype(g_tag)::value;
-    decode_impl<T, D, BS, G>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+    decode_impl<T, C, D, BS, G>(q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
                           block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                           out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), block_size,
                           block_tables.size(1), static_cast<float>(scale), max_seq_len);
@@ -404,18 +407,35 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
   }
 }
 
+// By cache dtype: int8 records, the model's own dtype, or bf16 under an fp32 model.
+template <typename T, int D>
+void dispatch_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor& out,
+                    double scale, int64_t max_seq_len) {
+  if (k_cache.scalar_type() == at::kChar) {
+    dispatch_int8_group<T, D>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,
+                              max_seq_len);
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (k_cache.scalar_type() == at::kBFloat16) {
+      dispatch_block_size<float, c10::BFloat16, D>(q, k_cache, v_cache, block_tables, seq_lens,
+                                                   out, scale, max_seq_len);
+      return;
+    }
+  }
+  dispatch_block_size<T, T, D>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,
+                               max_seq_len);
+}
+
 template <typename T>
 void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
                        at::Tensor& out, double scale, int64_t max_seq_len) {
 #define PAGEDLLM_CASE(HD)                                                                    \
   case HD:                                                                                   \
-    if (k_cache.scalar_type() == at::kChar)                                                  \
-      dispatch_int8_group<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,    \
-                                 max_seq_len);                                               \
-    else                                                                                     \
-      dispatch_block_size<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,    \
-                                 max_seq_len);                                               \
+    dispatch_cache<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,           \
+                          max_seq_len);                                                      \
     break;
   switch (q.size(2)) {
     PAGEDLLM_CASE(16)
@@ -446,9 +466,10 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
                 "q [B, H, D], k_cache [NB, Hkv, D, BS], v_cache [NB, Hkv, BS, D]");
     TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(3) == q.size(2),
                 "head_dim mismatch");
-    TORCH_CHECK(
-        q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-        "q and cache dtypes differ");
+    TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                    (k_cache.scalar_type() == q.scalar_type() ||
+                     (k_cache.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kFloat)),
+                "the cache must have q's dtype, or be bf16 under fp32 q");
   }
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
               "block_tables and seq_lens must be int64");
