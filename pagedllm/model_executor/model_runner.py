@@ -40,7 +40,6 @@ class ModelRunner:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
         self.dtype = TORCH_DTYPES[dtype]
-        self.kv_int8 = kv_cache_dtype == "int8"
         if kv_cache_dtype == "bfloat16" and self.dtype == torch.float16:
             raise ValueError("kv_cache_dtype='bfloat16' needs dtype float32 or bfloat16")
         # The cache's dtype: the model's, int8 records, or bf16 (also under an fp32 model:
@@ -48,6 +47,7 @@ class ModelRunner:
         self.kv_dtype = {"int8": torch.int8, "bfloat16": torch.bfloat16}.get(
             kv_cache_dtype, self.dtype
         )
+        self.kv_int8 = self.kv_dtype == torch.int8
         self.quantization = quantization
         self.device = device
         if device.type == "cpu":

@@ -179,6 +179,19 @@ inline float quantize_row(const T* x, int64_t d, int8_t* dst, int64_t dst_stride
   return amax / 127.f;
 }
 
+// f(t, blk, off, hh) for every token t and kv head hh, with token t's cache slot split into
+// its block and the offset in it; tokens are split over the threads.
+template <typename F>
+void for_each_slot(const at::Tensor& slot_mapping, int64_t tokens, int64_t bs, int64_t h, F&& f) {
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t blk = slots[t] / bs, off = slots[t] % bs;
+      for (int64_t hh = 0; hh < h; ++hh) f(t, blk, off, hh);
+    }
+  });
+}
+
 void reshape_and_cache_int8(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                             at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   const int64_t tokens = k.size(0), h = k.size(1), d = k.size(2);
@@ -188,24 +201,19 @@ void reshape_and_cache_int8(const at::Tensor& k, const at::Tensor& v, at::Tensor
               "reshape_and_cache: int8 caches are [NB, Hkv, BS * (D + 4)]");
   const int64_t bs = k_cache.size(2) / (d + 4), rec = k_cache.size(2);
   const int64_t kst = k.stride(0), vst = v.stride(0);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   int8_t* kc = k_cache.data_ptr<int8_t>();
   int8_t* vc = v_cache.data_ptr<int8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "cache_int8", [&] {
     const scalar_t* kp = k.data_ptr<scalar_t>();
     const scalar_t* vp = v.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t blk = slots[t] / bs, off = slots[t] % bs;
-        for (int64_t hh = 0; hh < h; ++hh) {
-          int8_t* kr = kc + (blk * h + hh) * rec;
-          int8_t* vr = vc + (blk * h + hh) * rec;
-          const float ks = quantize_row(kp + t * kst + hh * d, d, kr + off, bs);
-          const float vs = quantize_row(vp + t * vst + hh * d, d, vr + off * d, 1);
-          std::memcpy(kr + bs * d + off * 4, &ks, 4);
-          std::memcpy(vr + bs * d + off * 4, &vs, 4);
-        }
-      }
+    for_each_slot(slot_mapping, tokens, bs, h, [&](int64_t t, int64_t blk, int64_t off,
+                                                   int64_t hh) {
+      int8_t* kr = kc + (blk * h + hh) * rec;
+      int8_t* vr = vc + (blk * h + hh) * rec;
+      const float ks = quantize_row(kp + t * kst + hh * d, d, kr + off, bs);
+      const float vs = quantize_row(vp + t * vst + hh * d, d, vr + off * d, 1);
+      std::memcpy(kr + bs * d + off * 4, &ks, 4);
+      std::memcpy(vr + bs * d + off * 4, &vs, 4);
     });
   });
 }
@@ -216,7 +224,6 @@ void cache_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                 at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   const int64_t tokens = k.size(0), h = k.size(1), d = k.size(2);
   const int64_t bs = v_cache.size(2), kst = k.stride(0), vst = v.stride(0);
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const S* kp = k.data_ptr<S>();
   const S* vp = v.data_ptr<S>();
   C* kc = k_cache.data_ptr<C>();
@@ -225,18 +232,13 @@ void cache_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
     if constexpr (std::is_same_v<S, C>) return x;
     else return store_f<C>(load_f(x));
   };
-  at::parallel_for(0, tokens, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t blk = slots[t] / bs, off = slots[t] % bs;
-      for (int64_t hh = 0; hh < h; ++hh) {
-        const S* ks = kp + t * kst + hh * d;
-        const S* vs = vp + t * vst + hh * d;
-        C* kd = kc + ((blk * h + hh) * d) * bs + off;
-        C* vd = vc + ((blk * h + hh) * bs + off) * d;
-        for (int64_t i = 0; i < d; ++i) kd[i * bs] = cvt(ks[i]);
-        for (int64_t i = 0; i < d; ++i) vd[i] = cvt(vs[i]);
-      }
-    }
+  for_each_slot(slot_mapping, tokens, bs, h, [&](int64_t t, int64_t blk, int64_t off, int64_t hh) {
+    const S* ks = kp + t * kst + hh * d;
+    const S* vs = vp + t * vst + hh * d;
+    C* kd = kc + ((blk * h + hh) * d) * bs + off;
+    C* vd = vc + ((blk * h + hh) * bs + off) * d;
+    for (int64_t i = 0; i < d; ++i) kd[i * bs] = cvt(ks[i]);
+    for (int64_t i = 0; i < d; ++i) vd[i] = cvt(vs[i]);
   });
 }
 

@@ -338,6 +338,20 @@ void decode_int8_impl(const T* q, const int8_t* k_cache, const int8_t* v_cache,
   });
 }
 
+// f(std::integral_constant<int, G>) with the GQA group sizes that have compiled kernels
+// (accumulators in registers); G = 0 is the runtime-group kernel.
+template <typename F>
+void with_group(int64_t group, F&& f) {
+  switch (group) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
 template <typename T, int D>
 void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -362,14 +376,7 @@ void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
       else
         run(std::integral_constant<int, 0>{}, g_tag);
     };
-    switch (q.size(1) / k_cache.size(1)) {
-      case 1: run_g(std::integral_constant<int, 1>{}); break;
-      case 2: run_g(std::integral_constant<int, 2>{}); break;
-      case 3: run_g(std::integral_constant<int, 3>{}); break;
-      case 4: run_g(std::integral_constant<int, 4>{}); break;
-      case 8: run_g(std::integral_constant<int, 8>{}); break;
-      default: run_g(std::integral_constant<int, 0>{}); break;
-    }
+    with_group(q.size(1) / k_cache.size(1), run_g);
   }
 }
 
@@ -388,16 +395,7 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
                           out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), block_size,
                           block_tables.size(1), static_cast<float>(scale), max_seq_len);
   };
-  auto run = [&](auto bs_tag) {
-    switch (group) {
-      case 1: run_g(bs_tag, std::integral_constant<int, 1>{}); break;
-      case 2: run_g(bs_tag, std::integral_constant<int, 2>{}); break;
-      case 3: run_g(bs_tag, std::integral_constant<int, 3>{}); break;
-      case 4: run_g(bs_tag, std::integral_constant<int, 4>{}); break;
-      case 8: run_g(bs_tag, std::integral_constant<int, 8>{}); break;
-      default: run_g(bs_tag, std::integral_constant<int, 0>{}); break;
-    }
-  };
+  auto run = [&](auto bs_tag) { with_group(group, [&](auto g_tag) { run_g(bs_tag, g_tag); }); };
   if (block_size == 16) {
     run(std::integral_constant<int, 16>{});
   } else if (block_size == 32) {
