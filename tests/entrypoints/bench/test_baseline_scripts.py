@@ -1,5 +1,5 @@
-"""benchmarks/hf_baselines.py and benchmarks/gemm_rate.py, run in-process on tiny inputs: the
-accounting (useful vs generated tokens, subsets) and the JSON they write."""
+"""benchmarks/hf_baselines.py, gemm_rate.py and decode_attention_bw.py, run in-process on tiny
+inputs: the accounting (useful vs generated tokens, subsets) and the JSON they write."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import os
 
 import pytest
+
+from pagedllm.model_executor.ops import native_ops_available
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
@@ -92,3 +94,20 @@ def test_gemm_rate_smoke(tmp_path):
     ]
     assert result["peak_gflops"]["float32"] > 0
     assert result["smollm2_ceiling_tokens_per_s"]["float32"] > 0
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+def test_decode_attention_bw_smoke(tmp_path):
+    out = tmp_path / "bw.json"
+    args = ["--batch", "3", "--context", "40", "--layers", "2", "--repeats", "2"]
+    rc = _script("decode_attention_bw").main(
+        args + ["--stream-mib", "8", "--output-json", str(out)]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["stream_read_gbps"] > 0
+    for layout in ("scattered", "in_order"):
+        r = result[layout]
+        # 2 layers x 3 sequences x 40 tokens x 3 kv heads x 64 dims x (K and V) x 2 bytes
+        assert r["kv_gb"] == pytest.approx(2 * 3 * 40 * 3 * 64 * 2 * 2 / 1e9)
+        assert r["gbps"] == pytest.approx(r["kv_gb"] / (r["step_ms"] / 1e3))
