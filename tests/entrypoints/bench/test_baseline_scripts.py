@@ -111,3 +111,35 @@ def test_decode_attention_bw_smoke(tmp_path):
         # 2 layers x 3 sequences x 40 tokens x 3 kv heads x 64 dims x (K and V) x 2 bytes
         assert r["kv_gb"] == pytest.approx(2 * 3 * 40 * 3 * 64 * 2 * 2 / 1e9)
         assert r["gbps"] == pytest.approx(r["kv_gb"] / (r["step_ms"] / 1e3))
+
+
+def test_step_timeline_counts_every_step(tiny_llama_dir, short_workload, tmp_path):
+    out = tmp_path / "steps.json"
+    args = ["--model", tiny_llama_dir, "--dataset", short_workload, "--output-json", str(out)]
+    assert _script("step_timeline").main(args + ["--max-num-batched-tokens", "8"]) == 0
+    result = json.loads(out.read_text())
+    steps, summary = result["steps"], result["summary"]
+    # Outputs of 2, 5, 3 and 4 tokens: the first of each comes from its prefill step.
+    assert sum(s["decodes"] for s in steps) == (2 - 1) + (5 - 1) + (3 - 1) + (4 - 1)
+    assert max(s["prefill_tokens"] + s["decodes"] for s in steps) <= 8
+    assert summary["prefill_steps"] + summary["decode_steps"] == len(steps)
+    assert summary["prefill_s"] + summary["decode_s"] <= summary["wall_s"]
+
+
+def test_step_timeline_fit_recovers_known_costs():
+    fit_decode_steps = _script("step_timeline").fit_decode_steps
+    steps = [
+        {
+            "seconds": (20 + 0.5 * b + 1.5 * ctx / 1e3) / 1e3,
+            "decodes": b,
+            "prefill_tokens": 0,
+            "decode_context": ctx,
+        }
+        for b, ctx in [(1, 300), (8, 5000), (30, 9000), (64, 12000), (100, 50000), (5, 900)]
+    ]
+    steps.append({"seconds": 9.0, "decodes": 3, "prefill_tokens": 100, "decode_context": 400})
+    fit = fit_decode_steps(steps)  # the prefill-carrying step is left out of the fit
+    assert fit["fixed_ms"] == pytest.approx(20)
+    assert fit["per_seq_ms"] == pytest.approx(0.5)
+    assert fit["per_1k_ctx_ms"] == pytest.approx(1.5)
+    assert fit["fixed_s"] == pytest.approx(6 * 20 / 1e3)
