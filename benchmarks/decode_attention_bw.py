@@ -78,8 +78,10 @@ def kernel_gbps(args: argparse.Namespace, layout: str) -> dict[str, float]:
         )
         for _ in range(args.layers)
     ]
-    order = torch.randperm(num_blocks, generator=gen) if layout == "scattered" else None
-    ids = torch.arange(num_blocks) if order is None else order
+    if layout == "scattered":
+        ids = torch.randperm(num_blocks, generator=gen)
+    else:
+        ids = torch.arange(num_blocks)
     tables = ids.view(args.batch, per_seq).contiguous()
     seq_lens = torch.full((args.batch,), args.context, dtype=torch.int64)
     q = torch.randn(args.batch, args.num_heads, d, generator=gen).to(dtype)

@@ -85,11 +85,15 @@ def record_steps(runner: Any) -> list[dict[str, float]]:
     return steps
 
 
+def decode_only(steps: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [s for s in steps if s["prefill_tokens"] == 0 and s["decodes"] > 0]
+
+
 def fit_decode_steps(steps: list[dict[str, float]]) -> dict[str, float] | None:
     """Least squares over decode-only steps: ms = fixed + per_seq * B + per_1k_ctx * ctx / 1e3."""
     import numpy as np
 
-    rows = [s for s in steps if s["prefill_tokens"] == 0 and s["decodes"] > 0]
+    rows = decode_only(steps)
     if len(rows) < 4:
         return None
     x = np.array([[1.0, s["decodes"], s["decode_context"] / 1e3] for s in rows])
@@ -107,7 +111,7 @@ def fit_decode_steps(steps: list[dict[str, float]]) -> dict[str, float] | None:
 
 def summarize(steps: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
     prefill = [s for s in steps if s["prefill_tokens"] > 0]
-    decode = [s for s in steps if s["prefill_tokens"] == 0 and s["decodes"] > 0]
+    decode = decode_only(steps)
     return {
         "wall_s": wall_s,
         "prefill_steps": len(prefill),
