@@ -5,6 +5,11 @@ All scheduled tokens of the step form one varlen batch:
     input_ids   [ d0 d1 d2 | p0 p0 p0 p0 | p1 p1 ]   decode requests first, then prefills
     positions   [ 17 40  9 |  0  1  2  3 | 32 33 ]   start_pos + offset within the chunk
     slot_mapping  block_table[pos // block_size] * block_size + pos % block_size
+
+With ``pad`` the token rows (and the rows whose logits are computed) are rounded up to a bucket
+(``padded_rows``): oneDNN builds a new GEMM kernel for every new row count, ~8 ms on each bf16
+decode step whose batch size is new, and the batch size changes at almost every step. Pad rows
+hold token 0 at position 0; they write no K/V and attend to nothing, and their outputs are dropped.
 """
 
 from __future__ import annotations
@@ -26,11 +31,21 @@ from pagedllm.scheduler_output import ScheduledRequest
 @dataclass
 class ModelInputs:
     requests: list[ScheduledRequest]  # in batch order (decodes first)
+    num_tokens: int  # scheduled tokens; input_ids may hold pad rows after them
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
     sample_rows: list[int]  # indices into ``requests`` that sample this step
-    sample_token_index: torch.Tensor  # flat token index of each sampling request's last token
+    # Flat token index of each sampling request's last token (then, padded, repeats of the last).
+    sample_token_index: torch.Tensor
+
+
+def padded_rows(n: int) -> int:
+    """The bucket n rows round up to: exact below 16, then multiples of 16, 64 past 512."""
+    if n < 16:
+        return n
+    step = 16 if n <= 512 else 64
+    return -(-n // step) * step
 
 
 def build_inputs(
@@ -39,6 +54,7 @@ def build_inputs(
     head_dim: int,
     device: torch.device,
     int8_cache: bool = False,
+    pad: bool = False,
 ) -> ModelInputs:
     requests = sorted(scheduled, key=lambda s: s.num_tokens > 1)  # stable: decodes first
     n = len(requests)
@@ -79,13 +95,23 @@ def build_inputs(
         for i in range(num_decodes, n)
     ]
     sample_rows = [i for i, s in enumerate(requests) if s.needs_sample]
+    sample_index = cu[1:][sample_rows] - 1
+    if pad:
+        rows = padded_rows(total)
+        input_ids = np.concatenate([input_ids, np.zeros(rows - total, dtype=np.int64)])
+        positions = np.concatenate([positions, np.zeros(rows - total, dtype=np.int64)])
+        num_samples = len(sample_index)
+        if num_samples:
+            extra = padded_rows(num_samples) - num_samples
+            sample_index = np.concatenate([sample_index, np.full(extra, sample_index[-1])])
     return ModelInputs(
         requests=requests,
+        num_tokens=total,
         input_ids=to(input_ids),
         positions=to(positions),
         attn=AttentionMetadata(slot_mapping=to(slots), decode=decode, prefills=prefills),
         sample_rows=sample_rows,
-        sample_token_index=to(cu[1:][sample_rows] - 1),
+        sample_token_index=to(sample_index),
     )
 
 

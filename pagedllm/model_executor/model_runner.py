@@ -56,6 +56,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.block_size: int | None = None
+        self.pad_rows = False  # set by load_weights
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -69,7 +70,8 @@ class ModelRunner:
             layer.compute_dtype = self.dtype
         if self.quantization == "int8":
             quantize_linear_weights_int8(self.model)
-        pack_linear_weights(self.model)
+        # Packed (oneDNN) weights build a GEMM kernel per row count: pad the rows to buckets.
+        self.pad_rows = pack_linear_weights(self.model) > 0
         for name, buf in self.model.named_buffers():
             module_name, _, attr = name.rpartition(".")
             self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)
@@ -120,13 +122,15 @@ class ModelRunner:
             self.arch.head_dim,
             self.device,
             int8_cache=self.kv_int8,
+            pad=self.pad_rows,
         )
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
         if all_positions:
-            return [r.req_id for r in inputs.requests], self.model.compute_logits(hidden).float()
+            logits = self.model.compute_logits(hidden[: inputs.num_tokens]).float()
+            return [r.req_id for r in inputs.requests], logits
         hidden = hidden.index_select(0, inputs.sample_token_index)
         req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
-        return req_ids, self.model.compute_logits(hidden)
+        return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -129,6 +129,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq, D]."""
     out = torch.empty_like(q)
+    out[meta.slot_mapping.shape[0] :] = 0  # pad rows, if any
     if meta.decode is not None:
         d = meta.decode
         out[: d.num_tokens] = _decode(q[: d.num_tokens], k_cache, v_cache, d, scale)
