@@ -18,7 +18,7 @@ from pagedllm.model_executor.layers.linear import (
 from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
-from pagedllm.model_executor.sampler import Sampler
+from pagedllm.model_executor.sampler import ExactLogits, Sampler
 from pagedllm.model_executor.sampling_metadata import build_sampling_batch
 from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
 
@@ -57,6 +57,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.block_size: int | None = None
         self.pad_rows = False  # set by load_weights
+        self._sampled_hidden: torch.Tensor | None = None  # the last step's, for _exact_logits
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -71,7 +72,10 @@ class ModelRunner:
         if self.quantization == "int8":
             quantize_linear_weights_int8(self.model)
         # Packed (oneDNN) weights build a GEMM kernel per row count: pad the rows to buckets.
-        self.pad_rows = pack_linear_weights(self.model) > 0
+        # The lm_head keeps its plain weight too: _exact_logits reads rows of it.
+        lm_head = getattr(self.model, "lm_head", None)
+        keep = (lm_head,) if lm_head is not None else ()
+        self.pad_rows = pack_linear_weights(self.model, keep_plain=keep) > 0
         for name, buf in self.model.named_buffers():
             module_name, _, attr = name.rpartition(".")
             self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)
@@ -130,7 +134,22 @@ class ModelRunner:
             return [r.req_id for r in inputs.requests], logits
         hidden = hidden.index_select(0, inputs.sample_token_index)
         req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
+        self._sampled_hidden = hidden
         return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
+
+    def _exact_logits(self) -> ExactLogits | None:
+        """fp32 logits of a few tokens from the last step's fp32 final hidden states: the
+        greedy sampler settles near-ties of bf16 logits with them."""
+        lm_head = getattr(self.model, "lm_head", None)
+        weight = getattr(lm_head, "weight", None)
+        if weight is None or weight.numel() == 0 or weight.dtype == torch.float32:
+            return None
+        hidden = self._sampled_hidden
+
+        def exact(row: int, token_ids: torch.Tensor) -> torch.Tensor:
+            return weight[token_ids].float() @ hidden[row].float()
+
+        return exact
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -146,7 +165,7 @@ class ModelRunner:
         batch = build_sampling_batch(
             sampling_reqs, self.generators, self.arch.vocab_size, self.device
         )
-        out = self.sampler(logits, batch)
+        out = self.sampler(logits, batch, self._exact_logits())
         token_ids = out.token_ids.tolist()
         sampled: dict[str, SampledToken] = {}
         lp = out.logprobs.tolist() if out.logprobs is not None else None

@@ -6,6 +6,7 @@ temperature -> min_p -> top_k/top_p -> random draw (per-request generators when 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,10 @@ class SamplingBatch:
     max_num_logprobs: int | None = None
 
 
+# (row, candidate token ids) -> those tokens' logits in fp32, computed afresh (see greedy_argmax)
+ExactLogits = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B]
@@ -45,11 +50,16 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        exact_logits: ExactLogits | None = None,
+    ) -> SamplerOutput:
         if batch.all_greedy and batch.max_num_logprobs is None:
             if not batch.banned and batch.penalties is None:
                 # Plain greedy: argmax of the raw (bf16) logits, no fp32 copy of [B, V].
-                return SamplerOutput(token_ids=greedy_argmax(logits))
+                return SamplerOutput(token_ids=greedy_argmax(logits, exact_logits))
         logits = logits.float()
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
@@ -101,11 +111,38 @@ class Sampler:
         return ids.clamp_(max=probs.shape[1] - 1)
 
 
-def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax, ties to the lowest index (as torch.argmax)."""
-    if use_native(logits) and logits.stride(-1) == 1:
-        return torch.ops.pagedllm.argmax_rows(logits)
-    return logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
+def greedy_argmax(logits: torch.Tensor, exact_logits: ExactLogits | None = None) -> torch.Tensor:
+    """Row-wise argmax, ties to the lowest index (as torch.argmax).
+
+    With ``exact_logits`` and bf16/fp16 logits, a row whose best and runner-up values lie within
+    one rounding step of each other is decided by the fp32 logits of the tokens in that window:
+    rounding to bf16 (8 significant bits, a step of 0.125 at a logit of 20) can tie or swap two
+    candidates that fp32 tells apart, and did so for this model's answer to "What is the capital
+    of France?". Such rows are rare; the check rides on the argmax's single pass.
+    """
+    native = use_native(logits) and logits.stride(-1) == 1
+    if exact_logits is None or logits.dtype == torch.float32 or logits.shape[-1] < 2:
+        if native:
+            return torch.ops.pagedllm.argmax_rows(logits)
+        return logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
+    if native:
+        ids, gaps = torch.ops.pagedllm.argmax_gap_rows(logits)
+    else:
+        ids = logits.max(dim=-1).indices
+        top2 = logits.topk(2, dim=-1).values.float()
+        gaps = top2[:, 0] - top2[:, 1]
+    best = logits.gather(1, ids.unsqueeze(1)).squeeze(1).float()
+    step = rounding_step(best, logits.dtype)
+    for row in torch.nonzero(gaps <= step).flatten().tolist():
+        candidates = torch.nonzero(logits[row].float() >= best[row] - step[row]).flatten()
+        ids[row] = candidates[int(torch.argmax(exact_logits(row, candidates)))]
+    return ids
+
+
+def rounding_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` values at |x| (fp32 values in, fp32 out)."""
+    _, exponent = torch.frexp(x)
+    return torch.ldexp(torch.full_like(x, torch.finfo(dtype).eps), exponent - 1)
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

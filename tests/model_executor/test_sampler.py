@@ -135,3 +135,48 @@ def test_banned_tokens_and_logprobs():
     raw = torch.log_softmax(logits, -1)  # logprobs are of the raw distribution
     assert torch.allclose(out.logprobs, raw[0, 1:2]) and out.ranks.item() == 2
     assert out.top_ids.tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_greedy_settles_bf16_near_ties_with_exact_logits(native, monkeypatch):
+    """bf16 rounding can tie two candidates fp32 tells apart: rows whose best and runner-up
+    differ by at most one bf16 step ask for those candidates' exact logits; clear rows don't."""
+    if native and not native_ops_available():
+        pytest.skip("native kernels not built (make setup)")
+    if not native:
+        monkeypatch.setattr("pagedllm.model_executor.sampler.use_native", lambda t: False)
+    logits = torch.full((4, 50), -3.0)
+    logits[0, 5] = logits[0, 9] = 20.0  # a tie in bf16
+    logits[1, 7], logits[1, 8] = 20.0, 19.0  # clear: 8 bf16 steps apart
+    logits[2, 3], logits[2, 30] = 20.0, 19.875  # one bf16 step (0.125 at 20) apart
+    logits[3, 2], logits[3, 40] = 20.0, 19.75  # two steps apart: clear
+    logits = logits.to(torch.bfloat16)
+    asked = {}
+
+    def exact(row, token_ids):
+        asked[row] = token_ids.tolist()
+        return token_ids.float()  # prefers the highest token id among the candidates
+
+    assert greedy_argmax(logits).tolist() == [5, 7, 3, 2]
+    assert greedy_argmax(logits, exact).tolist() == [9, 7, 30, 2]
+    assert asked == {0: [5, 9], 2: [3, 30]}
+    batch = SamplingBatch(temperature=torch.zeros(4), all_greedy=True)
+    assert Sampler()(logits, batch, exact).token_ids.tolist() == [9, 7, 30, 2]
+    asked.clear()
+    assert greedy_argmax(logits.float(), exact).tolist() == [5, 7, 3, 2]
+    assert asked == {}, "fp32 logits are exact already"
+
+
+@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 100, 1000])
+def test_argmax_gap_rows_matches_top2(dtype, vocab):
+    torch.manual_seed(vocab)
+    logits = torch.randn(20, vocab).mul(4).round().to(dtype)  # rounding makes ties common
+    ids, gaps = torch.ops.pagedllm.argmax_gap_rows(logits)
+    assert torch.equal(ids, logits.float().argmax(dim=-1))
+    if vocab == 1:
+        assert torch.isinf(gaps).all()
+        return
+    top2 = logits.float().topk(2, dim=-1).values
+    torch.testing.assert_close(gaps, top2[:, 0] - top2[:, 1], rtol=0, atol=0)

@@ -74,10 +74,12 @@ def quantize_linear_weights_int8(model: nn.Module) -> int:
     return len(linears)
 
 
-def pack_linear_weights(model: nn.Module) -> int:
+def pack_linear_weights(model: nn.Module, keep_plain: tuple[nn.Module, ...] = ()) -> int:
     """Pre-pack every Linear's weight and drop the plain copy unless another module shares it
-    (a tied lm_head's weight is the embedding table). Returns how many were packed."""
+    (a tied lm_head's weight is the embedding table) or the module is in ``keep_plain``.
+    Returns how many were packed."""
     shared = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    shared |= {m.weight.data_ptr() for m in keep_plain}
     count = 0
     for module in model.modules():
         if isinstance(module, Linear):
