@@ -94,6 +94,8 @@ def build_inputs(
         )
         for i in range(num_decodes, n)
     ]
+    fresh = num_decodes + np.flatnonzero(starts[num_decodes:] == 0)
+    fresh_prefills = (to(cu[fresh]), to(q_lens[fresh])) if len(fresh) else None
     sample_rows = [i for i, s in enumerate(requests) if s.needs_sample]
     sample_index = cu[1:][sample_rows] - 1
     if pad:
@@ -109,7 +111,9 @@ def build_inputs(
         num_tokens=total,
         input_ids=to(input_ids),
         positions=to(positions),
-        attn=AttentionMetadata(slot_mapping=to(slots), decode=decode, prefills=prefills),
+        attn=AttentionMetadata(
+            slot_mapping=to(slots), decode=decode, prefills=prefills, fresh_prefills=fresh_prefills
+        ),
         sample_rows=sample_rows,
         sample_token_index=to(sample_index),
     )

@@ -18,13 +18,16 @@ Tokens arrive ordered decode requests first (one query each), then prefills (the
 sorts them):
   * decodes: one call of the native kernel, which reads K/V in place through the block tables
     (fallback: gather each sequence's blocks and run one masked SDPA);
-  * prefills: one SDPA per sequence on its fresh K/V, or, when part of its context is already
-    cached (chunked prefill, prefix hit), on its gathered blocks with a bottom-right causal mask.
+  * prefills: in bf16 with head_dim 64 on a CPU with AMX, the fresh ones (nothing cached) in one
+    call of the native AMX kernel; otherwise one SDPA per sequence on its fresh K/V, or, when
+    part of its context is already cached (chunked prefill, prefix hit), on its gathered blocks
+    with a bottom-right causal mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +58,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     decode: DecodeMetadata | None
     prefills: list[PrefillSeq]
+    # The prefills with nothing cached (start_pos == 0) as (token_start, num_tokens) int64
+    # tensors, for the native AMX kernel (ops/csrc/prefill_attention.cpp).
+    fresh_prefills: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def int8_views(
@@ -118,6 +124,21 @@ def use_native_decode(
     return device.type == "cpu" and head_dim in NATIVE_HEAD_DIMS and native_ops_available()
 
 
+@cache
+def amx_prefill_available() -> bool:
+    return native_ops_available() and torch.ops.pagedllm.prefill_attention_supported()
+
+
+def use_amx_prefill(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and k.dtype == torch.bfloat16
+        and q.shape[-1] == 64
+        and amx_prefill_available()
+    )
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -134,7 +155,12 @@ def paged_attention(
         d = meta.decode
         out[: d.num_tokens] = _decode(q[: d.num_tokens], k_cache, v_cache, d, scale)
     gqa = q.shape[1] != k.shape[1]
-    for s in meta.prefills:
+    prefills = meta.prefills
+    if meta.fresh_prefills is not None and use_amx_prefill(q, k):
+        starts, lens = meta.fresh_prefills
+        torch.ops.pagedllm.prefill_attention(q, k, v, starts, lens, out, scale)
+        prefills = [s for s in prefills if s.block_table is not None]
+    for s in prefills:
         rows = slice(s.token_start, s.token_start + s.num_tokens)
         # NOTE: 4-D inputs: torch's CPU flash-attention kernel takes them (3-D ones fall back to
         # the unfused math path, ~10x slower).

@@ -16,7 +16,13 @@ from pagedllm.cpu_info import cpu_flags_line
 logger = logging.getLogger(__name__)
 
 NAME = "pagedllm_ops"
-SOURCES = ("paged_attention.cpp", "fused_ops.cpp", "argmax.cpp", "int8_linear.cpp")
+SOURCES = (
+    "paged_attention.cpp",
+    "prefill_attention.cpp",
+    "fused_ops.cpp",
+    "argmax.cpp",
+    "int8_linear.cpp",
+)
 # -fno-trapping-math lets float->int conversions vectorize (the kernels' exp); no FP traps are used.
 CFLAGS = (
     "-O3",

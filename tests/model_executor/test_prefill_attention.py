@@ -1,0 +1,131 @@
+"""The native AMX prefill kernel (ops/csrc/prefill_attention.cpp) == causal attention in fp32 to
+bf16 accuracy, for ragged sequences at any offset of the batch, GQA, and views of a fused QKV
+projection; rows outside the listed sequences are left alone. Where the CPU has no AMX the
+engine uses SDPA instead, and these tests do not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.model_executor.layers.attention import (
+    AttentionMetadata,
+    PrefillSeq,
+    amx_prefill_available,
+    paged_attention,
+)
+
+pytestmark = pytest.mark.skipif(
+    not amx_prefill_available(), reason="needs AMX-BF16 and the native kernels"
+)
+
+D = 64
+
+
+def fused_qkv(tokens: int, heads: int, kv_heads: int, seed: int = 0):
+    """q, k, v as the model has them: views of one [T, (H + 2 Hkv) * D] projection."""
+    torch.manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * D).to(torch.bfloat16)
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+    return q.view(tokens, heads, D), k.view(tokens, kv_heads, D), v.view(tokens, kv_heads, D)
+
+
+def causal_fp32(q, k, v, scale):
+    """[L, H, D] -> [L, H, D], in fp32."""
+    res = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1),
+        k.float().transpose(0, 1),
+        v.float().transpose(0, 1),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return res.transpose(0, 1)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+def test_matches_fp32_attention_for_ragged_sequences(heads, kv_heads):
+    # lengths around the 16-row and 32-key tiles; a gap of 5 rows between sequences
+    lens = [1, 15, 16, 17, 31, 32, 33, 100, 257]
+    starts, pos = [], 3
+    for n in lens:
+        starts.append(pos)
+        pos += n + 5
+    q, k, v = fused_qkv(pos, heads, kv_heads)
+    scale = D**-0.5
+    out = torch.full((pos, heads, D), 7.0, dtype=torch.bfloat16)
+    torch.ops.pagedllm.prefill_attention(
+        q, k, v, torch.tensor(starts), torch.tensor(lens), out, scale
+    )
+    covered = torch.zeros(pos, dtype=torch.bool)
+    for s, n in zip(starts, lens):
+        rows = slice(s, s + n)
+        covered[rows] = True
+        want = causal_fp32(q[rows], k[rows], v[rows], scale)
+        got = out[rows].float()
+        # bf16 SDPA's own error against fp32, as the yardstick
+        sdpa = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1).unsqueeze(0),
+            k[rows].transpose(0, 1).unsqueeze(0),
+            v[rows].transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=heads != kv_heads,
+        )[0].transpose(0, 1)
+        sdpa_err = (sdpa.float() - want).abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= max(2 * sdpa_err, 1e-2), (n, err, sdpa_err)
+    assert (out[~covered] == 7.0).all(), "rows outside the sequences were written"
+
+
+def test_paged_attention_uses_it_for_fresh_prefills_only():
+    """A batch with a fresh prefill (kernel) and one whose first 16 tokens are cached (SDPA over
+    the gathered blocks) gives both sequences their attention over all their keys."""
+    heads, kv_heads, bs = 9, 3, 16
+    q, k, v = fused_qkv(40 + 24, heads, kv_heads, seed=1)
+    # sequence B: 16 cached tokens (block 2) + 24 new ones (blocks 3, 4)
+    k_prev, v_prev = fused_qkv(16, heads, kv_heads, seed=2)[1:]
+    num_blocks = 8
+    k_cache = torch.zeros(num_blocks, kv_heads, D, bs, dtype=torch.bfloat16)
+    v_cache = torch.zeros(num_blocks, kv_heads, bs, D, dtype=torch.bfloat16)
+    all_k = torch.cat([k_prev, k[40:]])
+    all_v = torch.cat([v_prev, v[40:]])
+    for i in range(40):
+        blk, off = 2 + i // bs, i % bs
+        k_cache[blk, :, :, off] = all_k[i]
+        v_cache[blk, :, off, :] = all_v[i]
+    table = torch.tensor([2, 3, 4])
+    q_pos = 16 + torch.arange(24)
+    mask = torch.arange(3 * bs)[None, :] <= q_pos[:, None]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(64, dtype=torch.long),
+        decode=None,
+        prefills=[PrefillSeq(0, 40, 0, None, None), PrefillSeq(40, 24, 16, table, mask)],
+        fresh_prefills=(torch.tensor([0]), torch.tensor([40])),
+    )
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, D**-0.5)
+    want_a = causal_fp32(q[:40], k[:40], v[:40], D**-0.5)
+    torch.testing.assert_close(out[:40].float(), want_a, atol=2e-2, rtol=0)
+    full = F.scaled_dot_product_attention(
+        q[40:].float().transpose(0, 1),
+        all_k.float().transpose(0, 1),
+        all_v.float().transpose(0, 1),
+        attn_mask=mask[:, :40],
+        scale=D**-0.5,
+        enable_gqa=True,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out[40:].float(), full, atol=2e-2, rtol=0)
+
+
+def test_rejects_what_it_cannot_run():
+    q, k, v = fused_qkv(8, 4, 4)
+    out = torch.empty(8, 4, D, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        torch.ops.pagedllm.prefill_attention(
+            q.float(), k, v, torch.tensor([0]), torch.tensor([8]), out, 0.1
+        )
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.pagedllm.prefill_attention(
+            q, k, v, torch.tensor([4]), torch.tensor([8]), out, 0.1
+        )
