@@ -20,7 +20,7 @@ HELP = {
     "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's limit)",
     "max_num_seqs": "most sequences decoded together in one step",
     "max_num_batched_tokens": "most tokens (prefill + decode) in one step "
-    "(default 2048; `pagedllm serve`: 1024, for a shorter time to first token)",
+    "(default 2048; `pagedllm serve`: 512, for a shorter time to first token)",
     "block_size": "tokens per KV-cache block",
     "kv_cache_memory": "KV-cache budget in bytes on CPU "
     "(default 4 GiB, or env PAGEDLLM_KV_CACHE_MEMORY)",

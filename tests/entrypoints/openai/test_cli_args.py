@@ -15,7 +15,7 @@ def _engine_args(argv: list[str]):
 
 
 def test_serve_step_budget_default_and_overrides():
-    assert SERVE_MAX_NUM_BATCHED_TOKENS == 1024
+    assert SERVE_MAX_NUM_BATCHED_TOKENS == 512
     assert _engine_args([]).max_num_batched_tokens == SERVE_MAX_NUM_BATCHED_TOKENS
     assert _engine_args(["--max-num-batched-tokens", "4096"]).max_num_batched_tokens == 4096
     # Without chunked prefill a step must hold a whole prompt: the engine picks the budget.
