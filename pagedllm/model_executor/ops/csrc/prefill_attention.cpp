@@ -28,18 +28,12 @@
 #include <unistd.h>
 #endif
 
-#include "vec_math.h"
-
 namespace {
 
 constexpr int kDim = 64;   // head_dim
 constexpr int kRows = 16;  // query rows per task (a tile's rows)
 
 #ifdef PAGEDLLM_AMX
-
-using pagedllm::exp16;
-using pagedllm::load16;
-using pagedllm::v16f;
 
 // Linux hands out AMX state only on request (once per process).
 bool amx_usable() {
