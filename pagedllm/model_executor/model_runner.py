@@ -10,7 +10,7 @@ import torch
 
 from pagedllm.config import KV_CACHE_DTYPES
 from pagedllm.model_executor.hugepages import zeros_hugepage
-from pagedllm.model_executor.input_batch import build_inputs
+from pagedllm.model_executor.input_batch import ModelInputs, build_inputs
 from pagedllm.model_executor.layers.linear import (
     pack_linear_weights,
     quantize_linear_weights_int8,
@@ -57,7 +57,6 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.block_size: int | None = None
         self.pad_rows = False  # set by load_weights
-        self._sampled_hidden: torch.Tensor | None = None  # the last step's, for _exact_logits
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -119,6 +118,14 @@ class ModelRunner:
         """Run the model; return the req ids and logits of the sampling requests, in the model's
         dtype (the sampler widens them to fp32 where it needs to), or, with ``all_positions``,
         every scheduled token's fp32 logits in batch order: for tests."""
+        if all_positions:
+            inputs, hidden = self._forward(scheduler_output)
+            logits = self.model.compute_logits(hidden[: inputs.num_tokens]).float()
+            return [r.req_id for r in inputs.requests], logits
+        req_ids, hidden = self._forward_sampled(scheduler_output)
+        return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
+
+    def _forward(self, scheduler_output: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
         assert self.block_size is not None, "allocate_kv_cache first"
         inputs = build_inputs(
             scheduler_output.scheduled,
@@ -128,23 +135,20 @@ class ModelRunner:
             int8_cache=self.kv_int8,
             pad=self.pad_rows,
         )
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
-        if all_positions:
-            logits = self.model.compute_logits(hidden[: inputs.num_tokens]).float()
-            return [r.req_id for r in inputs.requests], logits
-        hidden = hidden.index_select(0, inputs.sample_token_index)
-        req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
-        self._sampled_hidden = hidden
-        return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
+        return inputs, self.model(inputs.input_ids, inputs.positions, inputs.attn)
 
-    def _exact_logits(self) -> ExactLogits | None:
-        """fp32 logits of a few tokens from the last step's fp32 final hidden states: the
-        greedy sampler settles near-ties of bf16 logits with them."""
-        lm_head = getattr(self.model, "lm_head", None)
-        weight = getattr(lm_head, "weight", None)
+    def _forward_sampled(self, scheduler_output: SchedulerOutput) -> tuple[list[str], torch.Tensor]:
+        """The sampling requests' ids and fp32 final hidden states (then pad rows, if any)."""
+        inputs, hidden = self._forward(scheduler_output)
+        req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
+        return req_ids, hidden.index_select(0, inputs.sample_token_index)
+
+    def _exact_logits(self, hidden: torch.Tensor) -> ExactLogits | None:
+        """fp32 logits of a few tokens from the fp32 final hidden states: the greedy sampler
+        settles near-ties of bf16 logits with them."""
+        weight = getattr(getattr(self.model, "lm_head", None), "weight", None)
         if weight is None or weight.numel() == 0 or weight.dtype == torch.float32:
             return None
-        hidden = self._sampled_hidden
 
         def exact(row: int, token_ids: torch.Tensor) -> torch.Tensor:
             return weight[token_ids].float() @ hidden[row].float()
@@ -157,15 +161,16 @@ class ModelRunner:
             self.generators.pop(req_id, None)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled={})
-        req_ids, logits = self.forward_logits(scheduler_output)
+        req_ids, hidden = self._forward_sampled(scheduler_output)
         if not req_ids:
             return ModelRunnerOutput(sampled={})
+        logits = self.model.compute_logits(hidden)[: len(req_ids)]
         by_id = {s.req_id: s for s in scheduler_output.scheduled}
         sampling_reqs = [by_id[r] for r in req_ids]
         batch = build_sampling_batch(
             sampling_reqs, self.generators, self.arch.vocab_size, self.device
         )
-        out = self.sampler(logits, batch, self._exact_logits())
+        out = self.sampler(logits, batch, self._exact_logits(hidden))
         token_ids = out.token_ids.tolist()
         sampled: dict[str, SampledToken] = {}
         lp = out.logprobs.tolist() if out.logprobs is not None else None

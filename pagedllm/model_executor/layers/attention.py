@@ -90,6 +90,8 @@ def write_kv(
     v: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
+    """Write the K/V rows of ``slots``; rows past them (pad rows, see input_batch) write nothing."""
+    k, v = k[: slots.shape[0]], v[: slots.shape[0]]
     quantized = k_cache.dtype == torch.int8
     mixed = k.dtype == torch.float32 and k_cache.dtype == torch.bfloat16
     if use_native(k) and (quantized or mixed or k.dtype == k_cache.dtype):

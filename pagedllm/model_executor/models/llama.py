@@ -73,8 +73,7 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary(positions, q, k)
         assert self.kv_cache is not None, "KV cache not bound"
         k_cache, v_cache = self.kv_cache
-        n = meta.slot_mapping.shape[0]  # pad rows (model_executor/input_batch.py) write nothing
-        write_kv(k_cache, v_cache, k[:n], v[:n], meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 

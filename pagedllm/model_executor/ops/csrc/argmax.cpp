@@ -96,45 +96,43 @@ std::pair<int64_t, float> argmax_gap_row(const T* x, int64_t n) {
   return {best_i, best - second};
 }
 
-at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "argmax_rows: [B, V] with contiguous rows");
-  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), "argmax_rows: row too long");
-  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-  int64_t* op = out.data_ptr<int64_t>();
-  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
+// f(row_pointer, r) for every row r of a [B, V] tensor, rows split over the threads.
+template <typename F>
+void for_each_row(const at::Tensor& x, const char* op, F&& f) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": [B, V] with contiguous rows");
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), op, ": row too long");
+  const int64_t rows = x.size(0), stride = x.stride(0);
   auto run = [&](auto* xp) {
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) op[r] = argmax_row(xp + r * stride, n);
+      for (int64_t r = b; r < e; ++r) f(xp + r * stride, r);
     });
   };
   switch (x.scalar_type()) {
     case at::kFloat: run(x.data_ptr<float>()); break;
     case at::kBFloat16: run(x.data_ptr<c10::BFloat16>()); break;
     case at::kHalf: run(x.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "argmax_rows: unsupported dtype ", x.scalar_type());
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", x.scalar_type());
   }
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = x.size(-1);
+  for_each_row(x, "argmax_rows", [&](const auto* row, int64_t r) { op[r] = argmax_row(row, n); });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> argmax_gap_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "argmax_gap_rows: [B, V] with contiguous rows");
-  TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "argmax_gap_rows: row length");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax_gap_rows: [B, V] with V > 0");
   auto ids = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   auto gaps = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   int64_t* ip = ids.data_ptr<int64_t>();
   float* gp = gaps.data_ptr<float>();
-  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
-  auto run = [&](auto* xp) {
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) std::tie(ip[r], gp[r]) = argmax_gap_row(xp + r * stride, n);
-    });
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: run(x.data_ptr<float>()); break;
-    case at::kBFloat16: run(x.data_ptr<c10::BFloat16>()); break;
-    case at::kHalf: run(x.data_ptr<c10::Half>()); break;
-    default: TORCH_CHECK(false, "argmax_gap_rows: unsupported dtype ", x.scalar_type());
-  }
+  const int64_t n = x.size(1);
+  for_each_row(x, "argmax_gap_rows", [&](const auto* row, int64_t r) {
+    std::tie(ip[r], gp[r]) = argmax_gap_row(row, n);
+  });
   return {ids, gaps};
 }
 

@@ -98,8 +98,9 @@ inline __m512 exp2_neg(__m512 x) {
 }
 
 // x as the sum of two bf16 values (16 significant bits): P . V as two tile products keeps the
-// probabilities about as exact as fp32. With one bf16 P (torch's flash attention too rounds P
-// to bf16), this model's greedy answer to "What is the capital of France?" flips to gibberish.
+// probabilities about as exact as fp32, so the output's only rounding is its own to bf16 (max
+// error against fp32 attention 0.0078, against 0.0091 with one bf16 P, as torch's flash
+// attention has), for ~15% more kernel time.
 inline void split_store(__m512 x, uint16_t* hi, uint16_t* lo) {
   const __m256bh h = _mm512_cvtneps_pbh(x);
   const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(x, _mm512_cvtpbh_ps(h)));
