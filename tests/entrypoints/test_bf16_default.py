@@ -68,9 +68,12 @@ def test_int8_kv_cache_answers_stay_coherent(default_gguf, smol_llm):
 
 def test_int8_weights_answers_stay_coherent(default_gguf, smol_llm):
     """--quantization int8 on the real model: batch-1 style decoding (one conversation at a time,
-    so every decode step runs the int8 weights) still gives the right answers."""
+    so every decode step runs the int8 weights) still gives the right answers. 48 tokens: the
+    int8 weights narrow near-ties (" often" leads " a" by 0.23 nats after "The sky on a clear day
+    is" in fp32, by 0.13 with int8 weights), and after the first questions' prompts are cached
+    the sky answer takes the other branch and names the color at its 35th token."""
     llm = LLM(default_gguf, quantization="int8", kv_cache_memory=64 * 2**20, max_model_len=1024)
-    params = SamplingParams(temperature=0.0, max_tokens=32)
+    params = SamplingParams(temperature=0.0, max_tokens=48)
     for question, answer in QUESTIONS:
         text = llm.chat([[{"role": "user", "content": question}]], params)[0].outputs[0].text
         assert re.search(answer, text.lower()), f"int8 weights answered {question!r} with {text!r}"

@@ -19,6 +19,7 @@ NAME = "pagedllm_ops"
 SOURCES = (
     "paged_attention.cpp",
     "prefill_attention.cpp",
+    "amx_linear.cpp",
     "fused_ops.cpp",
     "argmax.cpp",
     "int8_linear.cpp",

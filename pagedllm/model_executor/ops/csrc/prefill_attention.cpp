@@ -20,12 +20,10 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define PAGEDLLM_AMX 1
-#include <immintrin.h>
+#include "amx.h"
+
+#ifdef PAGEDLLM_AMX
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 namespace {
@@ -35,33 +33,8 @@ constexpr int kRows = 16;  // query rows per task (a tile's rows)
 
 #ifdef PAGEDLLM_AMX
 
-// Linux hands out AMX state only on request (once per process).
-bool amx_usable() {
-  static const bool ok = [] {
-    if (!__builtin_cpu_supports("amx-bf16")) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile is 16 rows x 64 bytes: A = 16 x 32 bf16, B = 16 pairs x 16 x 2 bf16, C = 16 x 16 fp32.
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
+using pagedllm::amx_usable;
+using pagedllm::configure_tiles;
 
 // Keys and values of one (sequence, kv head), zero-padded to `padded` (a multiple of 32) keys:
 //   kp[kb][dp][j][e] = K[16 kb + j][2 dp + e]   (B tiles of S = Q K^T, 16 keys each)
