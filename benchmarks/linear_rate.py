@@ -27,9 +27,9 @@ sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 from pagedllm.model_executor.layers.linear import (  # noqa: E402
     AMX_LINEAR_MAX_ROWS,
     PACK_BATCH_HINT,
-    amx_linear_available,
     pack_amx,
 )
+from pagedllm.model_executor.ops import amx_available  # noqa: E402
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in) per layer
 LAYERS = 30
@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 96, 208, 528, 1024, 2048])
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    if not amx_linear_available():
+    if not amx_available():
         print("amx_linear needs a CPU with AMX-BF16 and the native kernels built")
         return 1
     torch.manual_seed(0)

@@ -12,14 +12,12 @@ from pagedllm.model_executor.layers import linear
 from pagedllm.model_executor.layers.linear import (
     AMX_LINEAR_MAX_ROWS,
     Linear,
-    amx_linear_available,
     pack_amx,
     pack_linear_weights,
 )
+from pagedllm.model_executor.ops import amx_available
 
-pytestmark = pytest.mark.skipif(
-    not amx_linear_available(), reason="needs AMX-BF16 and the native kernels"
-)
+pytestmark = pytest.mark.skipif(not amx_available(), reason="needs AMX-BF16 and the native kernels")
 
 
 def assert_bf16_rounding_of(got: torch.Tensor, exact: torch.Tensor) -> None:

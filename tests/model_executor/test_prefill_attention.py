@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from pagedllm.model_executor.layers.attention import (
     AttentionMetadata,
     PrefillSeq,
-    amx_prefill_available,
     paged_attention,
 )
+from pagedllm.model_executor.ops import amx_available
 
-pytestmark = pytest.mark.skipif(
-    not amx_prefill_available(), reason="needs AMX-BF16 and the native kernels"
-)
+pytestmark = pytest.mark.skipif(not amx_available(), reason="needs AMX-BF16 and the native kernels")
 
 D = 64
 

@@ -27,12 +27,11 @@ sorts them):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model_executor.ops import native_ops_available, use_native
+from pagedllm.model_executor.ops import amx_available, native_ops_available, use_native
 
 
 @dataclass
@@ -126,18 +125,13 @@ def use_native_decode(
     return device.type == "cpu" and head_dim in NATIVE_HEAD_DIMS and native_ops_available()
 
 
-@cache
-def amx_prefill_available() -> bool:
-    return native_ops_available() and torch.ops.pagedllm.prefill_attention_supported()
-
-
 def use_amx_prefill(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
         and k.dtype == torch.bfloat16
         and q.shape[-1] == 64
-        and amx_prefill_available()
+        and amx_available()
     )
 
 

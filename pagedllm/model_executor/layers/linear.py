@@ -6,13 +6,11 @@ the weights from memory faster than oneDNN (ops/csrc/amx_linear.cpp)."""
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model_executor.ops import use_native
+from pagedllm.model_executor.ops import amx_available, use_native
 
 # Batch-size hint for the packed layout; measured to serve 1..1024 rows equally well.
 PACK_BATCH_HINT = 64
@@ -27,13 +25,6 @@ NATIVE_INT8_MAX_ROWS = 4  # what ops/csrc/int8_linear.cpp takes (kMaxRows)
 # 14.2 at 16 rows, 28.3 vs 28.4 at 208, 75.0 vs 86.5 at 528, 155.6 vs 178.9 at 1,024, 194.4 vs
 # 201.4 at 1,280, 245.8 vs 212.9 at 1,536, 354.5 vs 275.5 at 2,048.
 AMX_LINEAR_MAX_ROWS = 1024
-
-
-@cache
-def amx_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and bool(
-        use_native(torch.empty(0)) and torch.ops.pagedllm.amx_linear_supported()
-    )
 
 
 def amx_linear(x: torch.Tensor, amx_weight: torch.Tensor) -> torch.Tensor:
@@ -85,7 +76,7 @@ class Linear(nn.Linear):
                 self.weight.detach(), PACK_BATCH_HINT
             )
             n, k = self.weight.shape
-            if self.bias is None and n % 32 == 0 and k % 32 == 0 and amx_linear_available():
+            if self.bias is None and n % 32 == 0 and k % 32 == 0 and amx_available():
                 self.amx_weight = pack_amx(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

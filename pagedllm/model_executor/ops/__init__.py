@@ -5,6 +5,8 @@ runs it), never silently at the first request. At run time ``native_ops_availabl
 if a build matching this source, torch and CPU exists; otherwise callers use the torch path.
 """
 
+from functools import cache
+
 import torch
 
 from pagedllm.model_executor.ops.loader import native_ops_available
@@ -15,4 +17,10 @@ def use_native(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and native_ops_available()
 
 
-__all__ = ["native_ops_available", "use_native"]
+@cache
+def amx_available() -> bool:
+    """Whether the native AMX kernels (prefill attention, amx_linear) can run on this CPU."""
+    return native_ops_available() and torch.ops.pagedllm.amx_supported()
+
+
+__all__ = ["amx_available", "native_ops_available", "use_native"]

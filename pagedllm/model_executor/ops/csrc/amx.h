@@ -43,3 +43,16 @@ inline void configure_tiles() {
 }  // namespace pagedllm
 
 #endif
+
+namespace pagedllm {
+
+// Whether the AMX kernels can run: built for AMX and granted by the kernel (op `amx_supported`).
+inline bool amx_supported() {
+#ifdef PAGEDLLM_AMX
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+}  // namespace pagedllm

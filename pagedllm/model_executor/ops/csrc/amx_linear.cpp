@@ -107,18 +107,10 @@ void linear_amx(const c10::BFloat16* x, int64_t lda, const c10::BFloat16* tail, 
 
 #endif  // PAGEDLLM_AMX
 
-bool amx_linear_supported() {
-#ifdef PAGEDLLM_AMX
-  return pagedllm::amx_usable();
-#else
-  return false;
-#endif
-}
-
 // x [m, k] bf16 (rows may be strided), wp the packed [n / 16, k / 32, 16, 16, 2] bf16 weight
 // (see the top of this file) -> [m, n] bf16.
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wp) {
-  TORCH_CHECK(amx_linear_supported(), "amx_linear needs AMX-BF16");
+  TORCH_CHECK(pagedllm::amx_supported(), "amx_linear needs AMX-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "amx_linear: x must be a bf16 [rows, k] matrix with contiguous rows");
   TORCH_CHECK(wp.dim() == 5 && wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() &&
@@ -147,8 +139,6 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wp) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("amx_linear_supported() -> bool");
   m.def("amx_linear(Tensor x, Tensor wp) -> Tensor");
-  m.impl("amx_linear_supported", &amx_linear_supported);
   m.impl("amx_linear", c10::DispatchKey::CPU, &amx_linear);
 }

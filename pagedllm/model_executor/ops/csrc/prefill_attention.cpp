@@ -10,7 +10,7 @@
 //                                        as two bf16 parts (see split_store)
 //
 // The whole score row fits in a buffer (n <= the sequence length), so the softmax is exact and
-// O needs no rescaling. Only head_dim 64 and bf16; callers check `prefill_attention_supported`.
+// O needs no rescaling. Only head_dim 64 and bf16; callers check `amx_supported`.
 #include <torch/extension.h>
 #include <c10/util/BFloat16.h>
 
@@ -256,20 +256,12 @@ void prefill_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 #endif  // PAGEDLLM_AMX
 
-bool prefill_attention_supported() {
-#ifdef PAGEDLLM_AMX
-  return amx_usable();
-#else
-  return false;
-#endif
-}
-
 // q [T, Hq, 64], k/v [T, Hkv, 64] bf16 (rows of several sequences, heads contiguous);
 // sequence i is rows starts[i] .. starts[i] + lens[i]; writes those rows of out [T, Hq, 64].
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& starts, const at::Tensor& lens, at::Tensor& out,
                        double scale) {
-  TORCH_CHECK(prefill_attention_supported(), "prefill_attention needs AMX-BF16");
+  TORCH_CHECK(pagedllm::amx_supported(), "prefill_attention needs AMX-BF16");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
               "prefill_attention: bf16 only");
@@ -302,10 +294,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("prefill_attention_supported() -> bool");
   m.def(
       "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor lens, "
       "Tensor(a!) out, float scale) -> ()");
-  m.impl("prefill_attention_supported", &prefill_attention_supported);
   m.impl("prefill_attention", c10::DispatchKey::CPU, &prefill_attention);
 }
