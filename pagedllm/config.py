@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -43,8 +45,12 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     seed: int = 0
     device: str | None = None
+    # A dict or its JSON text, as vLLM's --speculative-config; "auto": n-gram drafts with the
+    # defaults of SpeculativeConfig; None or "none": off.
+    speculative_config: dict | str | None = "auto"
 
     def __post_init__(self) -> None:
+        SpeculativeConfig.parse(self.speculative_config)  # raises on a bad value
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)
         if self.dtype not in SUPPORTED_DTYPES:
@@ -83,6 +89,54 @@ def auto_dtype(device: str | None) -> str:
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if has_native_bf16() else "float32"
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding by n-gram lookup in the request's own tokens (vLLM's method
+    "ngram", prompt lookup decoding): when the last n tokens (n from prompt_lookup_max down to
+    prompt_lookup_min) occurred before, the tokens that followed them are proposed as drafts and
+    checked in the next forward pass, which reads the KV cache once for all of them. Greedy
+    requests only (without penalties or logprobs), where verification keeps the output exact."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config: method must be 'ngram', got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be an integer >= 1")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative_config: prompt_lookup_min > prompt_lookup_max")
+
+    @classmethod
+    def parse(cls, value: dict | str | None) -> SpeculativeConfig | None:
+        """None / "none", "auto", a dict, or JSON text (the CLI's form) -> a config, or None
+        when off."""
+        if value is None or value in ("", "none", "off"):
+            return None
+        if value == "auto":
+            return cls()
+        raw: Any = value
+        if isinstance(value, str):
+            try:
+                raw = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("speculative_config must be a JSON object / dict")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown keys {sorted(unknown)} (known: {sorted(names)})"
+            )
+        return cls(**raw)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pagedllm.sampling_params import SamplingParams
 @dataclass
 class ScheduledRequest:
     req_id: str
-    token_ids: list[int]  # the tokens whose KV is computed this step
+    token_ids: list[int]  # the tokens whose KV is computed this step (drafts last)
     start_pos: int  # position of token_ids[0] == tokens already in the KV cache
     block_ids: list[int]  # the whole block table
     needs_sample: bool  # this chunk ends the sequence, so the step samples its next token
@@ -19,6 +19,9 @@ class ScheduledRequest:
     # Read-only views for penalties / min_tokens (the runner never mutates them).
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    # Draft tokens after the newest one (the tail of token_ids): the runner samples a token at
+    # each of the 1 + len(spec_token_ids) positions and keeps the drafts it agrees with.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -54,4 +57,6 @@ class SampledToken:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, SampledToken]
+    # The new tokens of each sampling request: one, or with drafts, the accepted ones and the
+    # token sampled after them.
+    sampled: dict[str, list[SampledToken]]

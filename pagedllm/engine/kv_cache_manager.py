@@ -95,7 +95,9 @@ class KVCacheManager:
         new_blocks = self.pool.allocate(num_new_blocks)
         req_blocks.extend(new_blocks)
         if self.enable_caching:
-            self._cache_full_blocks(request, req_blocks, num_computed + num_new_tokens)
+            # Draft tokens (speculative decoding) may be rejected: index real tokens only.
+            num_real = min(num_computed + num_new_tokens, request.num_tokens)
+            self._cache_full_blocks(request, req_blocks, num_real)
         return new_blocks
 
     def free(self, request: Request) -> None:

@@ -12,9 +12,16 @@ from typing import Any
 
 import torch
 
-from pagedllm.config import EngineArgs, ModelConfig, SchedulerConfig, default_kv_cache_memory
+from pagedllm.config import (
+    EngineArgs,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    default_kv_cache_memory,
+)
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler, SchedulerStats
@@ -32,6 +39,8 @@ from pagedllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict | list[int]
+# Query rows of one (sequence, kv head) in the multi-query kernel (paged_attention_multi.cpp).
+MAX_VERIFY_ROWS = 64
 
 
 class LLMEngine:
@@ -92,7 +101,19 @@ class LLMEngine:
             max_model_len=max_model_len,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
+        self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
+        proposer = None
+        if self.speculative_config is not None:
+            rows = (self.speculative_config.num_speculative_tokens + 1) * (
+                arch.num_heads // arch.num_kv_heads
+            )
+            if rows > MAX_VERIFY_ROWS:
+                raise ValueError(
+                    f"speculative_config: (num_speculative_tokens + 1) x query heads per kv "
+                    f"head is {rows}, more than {MAX_VERIFY_ROWS}: lower num_speculative_tokens"
+                )
+            proposer = NgramProposer(self.speculative_config)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, proposer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps = 0
         logger.info(

@@ -62,6 +62,8 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[BlockKey] = []
         self.first_token_time: float | None = None
+        # Draft tokens to verify after the newest token in the next step (speculative decoding).
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

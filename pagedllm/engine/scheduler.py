@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.scheduler_output import (
     ModelRunnerOutput,
@@ -40,12 +41,22 @@ class SchedulerStats:
     num_preemptions_total: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        proposer: NgramProposer | None = None,
+    ) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        self.proposer = proposer
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -103,6 +114,9 @@ class Scheduler:
             if num_new <= 0:
                 idx += 1
                 continue
+            # A decode with drafts runs them too, as far as the budget allows.
+            drafts = request.spec_token_ids[: budget - 1] if num_new == 1 else []
+            num_new += len(drafts)
             while True:
                 if self.kv_cache_manager.allocate_slots(request, num_new) is not None:
                     break
@@ -114,7 +128,7 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break
-            scheduled.append(self._scheduled(request, num_new))
+            scheduled.append(self._scheduled(request, num_new - len(drafts), drafts))
             budget -= num_new
             idx += 1
 
@@ -158,17 +172,32 @@ class Scheduler:
             request = self.requests.get(sched.req_id)
             if request is None or request.is_finished:
                 continue
-            request.num_computed_tokens += sched.num_tokens
+            num_drafts = len(sched.spec_token_ids)
             if not sched.needs_sample:
+                request.num_computed_tokens += sched.num_tokens
                 continue
-            sampled = runner_output.sampled[sched.req_id]
-            request.append_output_token(sampled.token_id)
-            self._check_stop(request)
+            tokens = runner_output.sampled[sched.req_id]
+            # The newest token and the accepted drafts now have KV; a rejected draft's KV is
+            # overwritten later (its slot lies past num_computed_tokens).
+            num_accepted = len(tokens) - 1
+            request.num_computed_tokens += sched.num_tokens - (num_drafts - num_accepted)
+            self.spec_num_draft_tokens += num_drafts
+            self.spec_num_accepted_tokens += num_accepted
+            if self.proposer is not None:
+                self.proposer.observe(request.req_id, num_drafts, num_accepted)
+            new = []
+            for tok in tokens:
+                request.append_output_token(tok.token_id)
+                new.append(tok)
+                self._check_stop(request)
+                if request.is_finished:
+                    break
+            request.spec_token_ids = self._propose(request)
             outputs.append(
                 EngineCoreOutput(
                     req_id=request.req_id,
-                    new_token_ids=[sampled.token_id],
-                    sampled=[sampled],
+                    new_token_ids=[t.token_id for t in new],
+                    sampled=new,
                     finish_reason=request.status.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=request.num_cached_tokens or 0,
@@ -188,24 +217,50 @@ class Scheduler:
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_queries=pc.queries,
             prefix_cache_hits=pc.hits,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
         )
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(
+        self, request: Request, num_new: int, drafts: list[int] | None = None
+    ) -> ScheduledRequest:
         start = request.num_computed_tokens
+        drafts = drafts or []
         return ScheduledRequest(
             req_id=request.req_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=request.all_token_ids[start : start + num_new] + drafts,
             start_pos=start,
             block_ids=self.kv_cache_manager.block_ids(request.req_id),
             needs_sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            spec_token_ids=drafts,
         )
+
+    def _propose(self, request: Request) -> list[int]:
+        """Drafts for the next step: greedy requests without penalties or logprobs only, where
+        checking a draft is comparing it with the argmax."""
+        params = request.sampling_params
+        if (
+            self.proposer is None
+            or request.is_finished
+            or not params.is_greedy
+            or params.has_penalties
+            or params.logprobs is not None
+        ):
+            return []
+        # The drafts and the token sampled after them must fit max_tokens and max_model_len.
+        room = min(
+            request.max_tokens - request.num_output_tokens,
+            self.config.max_model_len - request.num_tokens,
+        )
+        return self.proposer.propose(request, room - 1)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -214,6 +269,8 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        if self.proposer is not None:
+            self.proposer.drop(request.req_id)
         self.finished_req_ids.add(request.req_id)
         del self.requests[request.req_id]
 

@@ -37,6 +37,11 @@ HELP = {
     "enable_chunked_prefill": "split long prompts across steps under the token budget",
     "seed": "global random seed (per-request seeds come with each request)",
     "device": "cpu or cuda (default: cuda when available)",
+    "speculative_config": "speculative decoding, as JSON like vLLM's "
+    '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+    '"prompt_lookup_max": 3}\', or auto (those values) or none: draft tokens found by n-gram '
+    "lookup in the request's own tokens, checked in one forward pass; greedy requests only, "
+    "where the output stays exact (see docs/architecture.md)",
 }
 
 

@@ -6,6 +6,10 @@ All scheduled tokens of the step form one varlen batch:
     positions   [ 17 40  9 |  0  1  2  3 | 32 33 ]   start_pos + offset within the chunk
     slot_mapping  block_table[pos // block_size] * block_size + pos % block_size
 
+A decode with draft tokens (speculative decoding) brings them after its newest token; it stays
+with the decodes when the native multi-query kernel can take it (else it runs as a prefill
+chunk), and its logits are computed at every one of its positions.
+
 With ``pad`` the token rows (and the rows whose logits are computed) are rounded up to a bucket
 (``padded_rows``): oneDNN builds a new GEMM kernel for every new row count, ~8 ms on each bf16
 decode step whose batch size is new, and the batch size changes at almost every step. Pad rows
@@ -24,6 +28,7 @@ from pagedllm.model_executor.layers.attention import (
     DecodeMetadata,
     PrefillSeq,
     use_native_decode,
+    use_native_multi_query,
 )
 from pagedllm.scheduler_output import ScheduledRequest
 
@@ -36,7 +41,9 @@ class ModelInputs:
     positions: torch.Tensor
     attn: AttentionMetadata
     sample_rows: list[int]  # indices into ``requests`` that sample this step
-    # Flat token index of each sampling request's last token (then, padded, repeats of the last).
+    # Logit rows per sampling request: 1, or 1 + its drafts.
+    sample_num_rows: list[int]
+    # Flat token index of each logit row (then, padded, repeats of the last).
     sample_token_index: torch.Tensor
 
 
@@ -56,7 +63,13 @@ def build_inputs(
     int8_cache: bool = False,
     pad: bool = False,
 ) -> ModelInputs:
-    requests = sorted(scheduled, key=lambda s: s.num_tokens > 1)  # stable: decodes first
+    native = use_native_decode(device, head_dim, block_size, int8_cache)
+    multi = native and use_native_multi_query(block_size, int8_cache)
+
+    def is_prefill(s: ScheduledRequest) -> bool:
+        return s.num_tokens - (len(s.spec_token_ids) if multi else 0) > 1
+
+    requests = sorted(scheduled, key=is_prefill)  # stable: decodes first
     n = len(requests)
     q_lens = np.fromiter((s.num_tokens for s in requests), dtype=np.int64, count=n)
     starts = np.fromiter((s.start_pos for s in requests), dtype=np.int64, count=n)
@@ -77,16 +90,16 @@ def build_inputs(
     def to(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    num_decodes = int(np.count_nonzero(q_lens == 1)) if n else 0
-    num_decodes = num_decodes if np.all(q_lens[:num_decodes] == 1) else 0
+    num_decodes = sum(1 for s in requests if not is_prefill(s))
     decode = None
     if num_decodes:
         decode = _decode_meta(
             table[:num_decodes],
             seq_lens[:num_decodes],
+            cu[: num_decodes + 1],
             block_size,
             to,
-            use_native_decode(device, head_dim, block_size, int8_cache),
+            native,
         )
     prefills = [
         _prefill_seq(
@@ -97,7 +110,13 @@ def build_inputs(
     fresh = num_decodes + np.flatnonzero(starts[num_decodes:] == 0)
     fresh_prefills = (to(cu[fresh]), to(q_lens[fresh])) if len(fresh) else None
     sample_rows = [i for i, s in enumerate(requests) if s.needs_sample]
+    num_rows = np.fromiter(
+        (1 + len(requests[i].spec_token_ids) for i in sample_rows), dtype=np.int64
+    )
     sample_index = cu[1:][sample_rows] - 1
+    if len(num_rows) and num_rows.max() > 1:  # every position of a request with drafts
+        ends = np.cumsum(num_rows)
+        sample_index = np.repeat(sample_index - ends + 1, num_rows) + np.arange(int(ends[-1]))
     if pad:
         rows = padded_rows(total)
         input_ids = np.concatenate([input_ids, np.zeros(rows - total, dtype=np.int64)])
@@ -115,22 +134,26 @@ def build_inputs(
             slot_mapping=to(slots), decode=decode, prefills=prefills, fresh_prefills=fresh_prefills
         ),
         sample_rows=sample_rows,
+        sample_num_rows=num_rows.tolist(),
         sample_token_index=to(sample_index),
     )
 
 
-def _decode_meta(table, seq_lens, block_size, to, native: bool) -> DecodeMetadata:
+def _decode_meta(table, seq_lens, query_start, block_size, to, native: bool) -> DecodeMetadata:
     nb = int(-(-seq_lens.max() // block_size))
     mask = None
     if not native:
         keys = np.arange(nb * block_size)[None, :] < seq_lens[:, None]
         mask = to(keys[:, None, None, :])
+    max_query_len = int(np.diff(query_start).max())
     return DecodeMetadata(
-        num_tokens=len(seq_lens),
+        num_tokens=int(query_start[-1]),
         block_tables=to(table[:, :nb]),
         seq_lens=to(seq_lens),
         max_seq_len=int(seq_lens.max()),
         key_mask=mask,
+        query_start_loc=to(query_start) if max_query_len > 1 else None,
+        max_query_len=max_query_len,
     )
 
 

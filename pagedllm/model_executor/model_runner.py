@@ -161,28 +161,48 @@ class ModelRunner:
             self.generators.pop(req_id, None)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled={})
-        req_ids, hidden = self._forward_sampled(scheduler_output)
-        if not req_ids:
+        inputs, hidden = self._forward(scheduler_output)
+        sampling_reqs = [inputs.requests[i] for i in inputs.sample_rows]
+        if not sampling_reqs:
             return ModelRunnerOutput(sampled={})
-        logits = self.model.compute_logits(hidden)[: len(req_ids)]
-        by_id = {s.req_id: s for s in scheduler_output.scheduled}
-        sampling_reqs = [by_id[r] for r in req_ids]
+        hidden = hidden.index_select(0, inputs.sample_token_index)
+        num_rows = sum(inputs.sample_num_rows)
+        logits = self.model.compute_logits(hidden)[:num_rows]
         batch = build_sampling_batch(
             sampling_reqs, self.generators, self.arch.vocab_size, self.device
         )
         out = self.sampler(logits, batch, self._exact_logits(hidden))
         token_ids = out.token_ids.tolist()
-        sampled: dict[str, SampledToken] = {}
+        sampled: dict[str, list[SampledToken]] = {}
         lp = out.logprobs.tolist() if out.logprobs is not None else None
         ranks = out.ranks.tolist() if out.ranks is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        for row, req in enumerate(sampling_reqs):
+        row = 0
+        for req, m in zip(sampling_reqs, inputs.sample_num_rows):
+            if m > 1:  # drafts: keep those the model agrees with, and the token after them
+                sampled[req.req_id] = [
+                    SampledToken(t)
+                    for t in accepted_tokens(req.spec_token_ids, token_ids[row : row + m])
+                ]
+                row += m
+                continue
             tok = SampledToken(token_id=token_ids[row])
             k = req.sampling_params.logprobs
             if k is not None and lp is not None:
                 tok.logprob, tok.rank = lp[row], ranks[row]
                 tok.top_token_ids = top_ids[row][:k] if top_ids else []
                 tok.top_logprobs = top_lps[row][:k] if top_lps else []
-            sampled[req.req_id] = tok
+            sampled[req.req_id] = [tok]
+            row += 1
         return ModelRunnerOutput(sampled=sampled)
+
+
+def accepted_tokens(drafts: list[int], sampled: list[int]) -> list[int]:
+    """Greedy verification: ``sampled[t]`` is the model's token after the newest token and
+    ``drafts[:t]``. Drafts count while they equal it; the output is the sampled tokens up to and
+    including the first disagreement (or the one after the last draft)."""
+    n = 0
+    while n < len(drafts) and drafts[n] == sampled[n]:
+        n += 1
+    return sampled[: n + 1]

@@ -14,6 +14,11 @@ def build_sampling_batch(
     vocab_size: int,
     device: torch.device,
 ) -> SamplingBatch:
+    """One row per request, or 1 + its drafts for a request that brings draft tokens: row t of
+    such a request samples after its t-th draft (so t more output tokens, for min_tokens)."""
+    offsets = [t for r in requests for t in range(1 + len(r.spec_token_ids))]
+    if len(offsets) > len(requests):
+        requests = [r for r in requests for _ in range(1 + len(r.spec_token_ids))]
     params = [r.sampling_params for r in requests]
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
     batch = SamplingBatch(
@@ -38,7 +43,7 @@ def build_sampling_batch(
                 batch.generators[row] = gen
     for row, r in enumerate(requests):
         p = r.sampling_params
-        if len(r.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+        if len(r.output_token_ids) + offsets[row] < p.min_tokens and p.all_stop_token_ids:
             batch.banned.append((row, sorted(p.all_stop_token_ids)))
     if any(p.has_penalties for p in params):
         batch.penalties = _penalties(requests, vocab_size, device)

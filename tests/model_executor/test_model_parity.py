@@ -113,7 +113,7 @@ def _check_parity(model_dir, block_size, max_batched, kv_cache_dtype):
             for j in range(s.num_tokens):
                 ours[req_id][s.start_pos + j] = logits[row + j]
             if s.needs_sample:
-                sampled[req_id] = SampledToken(int(logits[row + s.num_tokens - 1].argmax()))
+                sampled[req_id] = [SampledToken(int(logits[row + s.num_tokens - 1].argmax()))]
             row += s.num_tokens
         sched.update_from_output(out, ModelRunnerOutput(sampled))
 

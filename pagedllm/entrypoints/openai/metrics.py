@@ -131,6 +131,12 @@ class PrometheusStatLogger:
         self.prefix_cache_hits = counter(
             "pagedllm:prefix_cache_hits", "Prefix-cache hits, in tokens."
         )
+        self.spec_decode_num_draft_tokens = counter(
+            "pagedllm:spec_decode_num_draft_tokens", "Draft tokens proposed and checked."
+        )
+        self.spec_decode_num_accepted_tokens = counter(
+            "pagedllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."
+        )
         success = Counter(
             "pagedllm:request_success",
             "Count of finished requests, by finish reason.",
@@ -170,6 +176,12 @@ class PrometheusStatLogger:
                 max(0, s.prefix_cache_queries - last.prefix_cache_queries)
             )
             self.prefix_cache_hits.inc(max(0, s.prefix_cache_hits - last.prefix_cache_hits))
+            self.spec_decode_num_draft_tokens.inc(
+                max(0, s.spec_num_draft_tokens - last.spec_num_draft_tokens)
+            )
+            self.spec_decode_num_accepted_tokens.inc(
+                max(0, s.spec_num_accepted_tokens - last.spec_num_accepted_tokens)
+            )
         self._last = s
         it = iteration_stats
         self.prompt_tokens.inc(it.num_prompt_tokens)

@@ -14,10 +14,11 @@ With ``kv_cache_dtype="int8"`` each (block, kv head) is one int8 record of
 ``block_size * (head_dim + 4)`` bytes: the values in the layout above, then one fp32 scale per
 token (symmetric, max|x| / 127 over the head's head_dim values). ``int8_views`` splits a record.
 
-Tokens arrive ordered decode requests first (one query each), then prefills (the model runner
-sorts them):
+Tokens arrive ordered decode requests first (one query each, or with draft tokens a few), then
+prefills (the model runner sorts them):
   * decodes: one call of the native kernel, which reads K/V in place through the block tables
-    (fallback: gather each sequence's blocks and run one masked SDPA);
+    (fallback: gather each sequence's blocks and run one masked SDPA); with drafts, the
+    multi-query kernel, which reads each block once for all of a sequence's query tokens;
   * prefills: in bf16 with head_dim 64 on a CPU with AMX, the fresh ones (nothing cached) in one
     call of the native AMX kernel; otherwise one SDPA per sequence on its fresh K/V, or, when
     part of its context is already cached (chunked prefill, prefix hit), on its gathered blocks
@@ -41,6 +42,10 @@ class DecodeMetadata:
     seq_lens: torch.Tensor  # [B] int64
     max_seq_len: int
     key_mask: torch.Tensor | None  # [B, 1, 1, L] bool, for the torch fallback only
+    # With draft tokens: [B + 1] offsets of each sequence's query rows (its newest token and
+    # drafts, the last positions of its seq_len), for the native multi-query kernel.
+    query_start_loc: torch.Tensor | None = None
+    max_query_len: int = 1
 
 
 @dataclass
@@ -125,6 +130,12 @@ def use_native_decode(
     return device.type == "cpu" and head_dim in NATIVE_HEAD_DIMS and native_ops_available()
 
 
+def use_native_multi_query(block_size: int, int8_cache: bool) -> bool:
+    """Whether decodes with drafts can take the native multi-query kernel (after
+    use_native_decode); else they run as prefill chunks over gathered blocks."""
+    return not int8_cache and block_size % 16 == 0
+
+
 def use_amx_prefill(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"
@@ -181,6 +192,18 @@ def paged_attention(
 
 
 def _decode(q, k_cache, v_cache, d: DecodeMetadata, scale: float) -> torch.Tensor:
+    if d.query_start_loc is not None:
+        return torch.ops.pagedllm.paged_attention_multi(
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            d.block_tables,
+            d.seq_lens,
+            d.query_start_loc,
+            scale,
+            d.max_seq_len,
+            d.max_query_len,
+        )
     if d.key_mask is None:
         return torch.ops.pagedllm.paged_attention_decode(
             q.contiguous(), k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 NAME = "pagedllm_ops"
 SOURCES = (
     "paged_attention.cpp",
+    "paged_attention_multi.cpp",
     "amx.cpp",
     "prefill_attention.cpp",
     "amx_linear.cpp",

@@ -33,8 +33,11 @@ constexpr int kRows = 16;  // query rows per task (a tile's rows)
 
 #ifdef PAGEDLLM_AMX
 
+using pagedllm::accumulate_pv;
 using pagedllm::amx_usable;
 using pagedllm::configure_tiles;
+using pagedllm::exp2_neg;
+using pagedllm::split_store;
 
 // Keys and values of one (sequence, kv head), zero-padded to `padded` (a multiple of 32) keys:
 //   kp[kb][dp][j][e] = K[16 kb + j][2 dp + e]   (B tiles of S = Q K^T, 16 keys each)
@@ -54,31 +57,6 @@ void repack(const c10::BFloat16* k, const c10::BFloat16* v, int64_t row_stride, 
     uint16_t* vdst = vp + (j / 2) * (2 * kDim) + (j % 2);
     for (int d = 0; d < kDim; ++d) vdst[2 * d] = vr[d];
   }
-}
-
-// 2^x for x <= 0 (clamped at -126): a degree-4 polynomial on the fraction (relative error
-// 5e-6, far below the bf16 rounding of the probabilities), scaled by 2^floor(x).
-inline __m512 exp2_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-  const __m512 fl = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, fl);
-  __m512 p = _mm512_set1_ps(0.013511536f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.051989668f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.241508717f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.692974317f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000005253f));
-  return _mm512_scalef_ps(p, fl);
-}
-
-// x as the sum of two bf16 values (16 significant bits): P . V as two tile products keeps the
-// probabilities about as exact as fp32, so the output's only rounding is its own to bf16 (max
-// error against fp32 attention 0.0078, against 0.0091 with one bf16 P, as torch's flash
-// attention has), for ~15% more kernel time.
-inline void split_store(__m512 x, uint16_t* hi, uint16_t* lo) {
-  const __m256bh h = _mm512_cvtneps_pbh(x);
-  const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(x, _mm512_cvtpbh_ps(h)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), reinterpret_cast<__m256i>(h));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(l));
 }
 
 // Row i of s (scores of query position q0 + i) -> p = exp((s - max) * scale), split into bf16
@@ -220,21 +198,8 @@ void prefill_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       _tile_zero(6);
       _tile_zero(7);
       for (int64_t kb = 0; kb < n32 / 32; ++kb) {
-        const uint16_t* vt = vp + kb * 16 * (2 * kDim);
-        _tile_loadd(1, pbuf.data() + kb * 32, max_padded * 2);
-        _tile_loadd(0, pbuf.data() + kRows * max_padded + kb * 32, max_padded * 2);
-        _tile_loadd(2, vt, 4 * kDim);
-        _tile_dpbf16ps(4, 1, 2);
-        _tile_dpbf16ps(4, 0, 2);
-        _tile_loadd(3, vt + 32, 4 * kDim);
-        _tile_dpbf16ps(5, 1, 3);
-        _tile_dpbf16ps(5, 0, 3);
-        _tile_loadd(2, vt + 64, 4 * kDim);
-        _tile_dpbf16ps(6, 1, 2);
-        _tile_dpbf16ps(6, 0, 2);
-        _tile_loadd(3, vt + 96, 4 * kDim);
-        _tile_dpbf16ps(7, 1, 3);
-        _tile_dpbf16ps(7, 0, 3);
+        accumulate_pv(pbuf.data() + kb * 32, pbuf.data() + kRows * max_padded + kb * 32,
+                      max_padded * 2, vp + kb * 16 * (2 * kDim), 32, 4 * kDim);
       }
       _tile_stored(4, otile, kDim * 4);
       _tile_stored(5, otile + 16, kDim * 4);

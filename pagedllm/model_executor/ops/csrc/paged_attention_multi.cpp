@@ -1,0 +1,457 @@
+// Paged attention for a few query tokens per sequence on top of its cached context: the
+// verification step of speculative decoding (the newest token and the drafts after it).
+//
+//   q: [T, num_heads, D]; sequence b owns rows query_start[b] .. query_start[b + 1] - 1, the
+//   last q_len positions of its seq_lens[b] tokens (their K/V are already in the cache).
+//   Caches and block tables as in paged_attention.cpp (K transposed per block).
+//
+// Work is split over (sequence, kv head) as in the decode kernel, and all q_len x G query rows
+// of a task share one read of each K/V block: the point of verifying drafts is that the cache
+// is streamed once for several tokens. Row (i, g) attends keys [0, seq_len - q_len + i].
+//
+// With q_len x G rows multiplying each key, vector FMAs made this kernel compute-bound (5 query
+// tokens x 3 heads: 2.8x the decode kernel's time). In bf16 with head_dim 64 and at most 16
+// rows, on a CPU with AMX, the products run on tiles instead: each 16-key chunk of K^T and each
+// 32 keys of V are repacked into the tiles' pair-interleaved layout on the fly (a permute per 64
+// bytes), S = Q K^T and O = P V are tile dot products, and P is split into two bf16 parts as in
+// prefill_attention.cpp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "amx.h"
+#include "attention_common.h"
+#include "vec_math.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using pagedllm::kFarAhead;
+using pagedllm::load16;
+using pagedllm::prefetch_slice;
+using pagedllm::softmax;
+using pagedllm::store16;
+using pagedllm::v16f;
+
+constexpr int64_t kMaxRows = 64;  // q_len x query heads per kv head
+constexpr int kScoreRows = 8;      // query rows per register pass over a K block
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T, typename C, int D>
+void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* tables,
+                      const int64_t* seq_lens, const int64_t* query_start, T* out,
+                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t bs,
+                      int64_t max_blocks, float scale, int64_t max_seq_len,
+                      int64_t max_query_len) {
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+  constexpr int NV = D / 16;
+  // Rows per register pass over a V block: NV accumulators each, 16 at most.
+  constexpr int kValueRows = std::max(1, std::min(8, 16 / NV));
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t head_stride = D * bs;
+  const int64_t block_stride = num_kv_heads * head_stride;
+  const int64_t ld = round_up(std::max<int64_t>(max_seq_len, 1), bs);
+  const int64_t rows_alloc = round_up(max_query_len * group, kScoreRows * kValueRows);
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(rows_alloc * ld), qf(rows_alloc * D), acc(rows_alloc * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
+      const int64_t len = seq_lens[b], q0 = query_start[b];
+      const int64_t q_len = query_start[b + 1] - q0;
+      const int64_t rows = q_len * group;
+      const int64_t rows_k = round_up(rows, kScoreRows), rows_v = round_up(rows, kValueRows);
+      const int64_t nblocks = (len + bs - 1) / bs;
+      const int64_t* table = tables + b * max_blocks;
+      // Row r = i * group + g: query token i, query head hk * group + g. Pad rows stay zero.
+      std::fill(qf.begin(), qf.begin() + std::max(rows_k, rows_v) * D, 0.f);
+      for (int64_t i = 0; i < q_len; ++i) {
+        const T* qi = q + ((q0 + i) * num_heads + hk * group) * D;
+        for (int64_t x = 0; x < group * D; ++x)
+          qf[i * group * D + x] = static_cast<float>(qi[x]) * scale;
+      }
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const C* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
+        if (blk + 1 < nblocks)
+          prefetch_slice(k_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
+        if (blk + kFarAhead < nblocks)
+          prefetch_slice<1>(k_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
+                            head_stride);
+        for (int64_t c = 0; c < bs; c += 16) {
+          for (int64_t r0 = 0; r0 < rows_k; r0 += kScoreRows) {
+            const float* __restrict qr = qf.data() + r0 * D;
+            v16f a[kScoreRows] = {};
+            for (int d = 0; d < D; ++d) {
+              const v16f kv = load16(kt + d * bs + c);
+#pragma GCC unroll 8
+              for (int r = 0; r < kScoreRows; ++r) a[r] += qr[r * D + d] * kv;
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < kScoreRows; ++r)
+              store16(scores.data() + (r0 + r) * ld + blk * bs + c, a[r]);
+          }
+        }
+      }
+      const int64_t padded_len = nblocks * bs;
+      for (int64_t r = 0; r < rows_v; ++r) {
+        float* s = scores.data() + r * ld;
+        const int64_t visible = r < rows ? len - q_len + 1 + r / group : 0;
+        if (visible > 0) softmax(s, visible);
+        std::fill(s + visible, s + padded_len, 0.f);  // later keys (and pad rows) weigh 0
+      }
+      std::fill(acc.begin(), acc.begin() + rows_v * D, 0.f);
+      prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+        if (blk + 1 < nblocks)
+          prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
+        if (blk + kFarAhead < nblocks)
+          prefetch_slice<1>(v_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
+                            head_stride);
+        const int64_t n = std::min<int64_t>(bs, len - blk * bs);
+        for (int64_t r0 = 0; r0 < rows_v; r0 += kValueRows) {
+          float* __restrict ar = acc.data() + r0 * D;
+          const float* __restrict p0 = scores.data() + r0 * ld + blk * bs;
+          v16f va[kValueRows][NV];
+#pragma GCC unroll 8
+          for (int r = 0; r < kValueRows; ++r)
+#pragma GCC unroll 16
+            for (int c = 0; c < NV; ++c) va[r][c] = load16(ar + r * D + 16 * c);
+          for (int64_t j = 0; j < n; ++j) {
+            v16f vv[NV];
+#pragma GCC unroll 16
+            for (int c = 0; c < NV; ++c) vv[c] = load16(vb + j * D + 16 * c);
+#pragma GCC unroll 8
+            for (int r = 0; r < kValueRows; ++r) {
+              const float p = p0[r * ld + j];
+#pragma GCC unroll 16
+              for (int c = 0; c < NV; ++c) va[r][c] += p * vv[c];
+            }
+          }
+#pragma GCC unroll 8
+          for (int r = 0; r < kValueRows; ++r)
+#pragma GCC unroll 16
+            for (int c = 0; c < NV; ++c) store16(ar + r * D + 16 * c, va[r][c]);
+        }
+      }
+      for (int64_t i = 0; i < q_len; ++i) {
+        T* oi = out + ((q0 + i) * num_heads + hk * group) * D;
+        for (int64_t x = 0; x < group * D; ++x) oi[x] = static_cast<T>(acc[i * group * D + x]);
+      }
+    }
+  });
+}
+
+#ifdef PAGEDLLM_AMX
+
+using pagedllm::accumulate_pv;
+using pagedllm::configure_tiles;
+using pagedllm::exp2_neg;
+using pagedllm::split_store;
+
+constexpr int kAmxDim = 64;   // head_dim
+constexpr int kAmxRows = 16;  // query rows of a task: one tile
+
+// Element 2j <- a[j], 2j + 1 <- b[j] (j < 16), with (a, b) = the two halves of one register
+// (K^T rows 2dp and 2dp + 1) or two registers (V rows 2kp and 2kp + 1, offset by `base`).
+struct Interleave {
+  __m512i rows, lo, hi;
+  Interleave() {
+    alignas(64) uint16_t r[32], l[32], h[32];
+    for (int j = 0; j < 16; ++j) {
+      r[2 * j] = j, r[2 * j + 1] = 16 + j;
+      l[2 * j] = j, l[2 * j + 1] = 32 + j;
+      h[2 * j] = 16 + j, h[2 * j + 1] = 48 + j;
+    }
+    rows = _mm512_load_si512(r), lo = _mm512_load_si512(l), hi = _mm512_load_si512(h);
+  }
+};
+
+// 16 keys of K^T [64][bs] (columns c .. c + 15) -> the two B tiles of S = Q K^T:
+//   out[dp][j][e] = K^T[2 dp + e][c + j]   (dp 0..15, then 16..31)
+inline void repack_keys(const uint16_t* kt, int64_t bs, int64_t c, const Interleave& il,
+                        uint16_t* out) {
+  for (int dp = 0; dp < kAmxDim / 2; ++dp) {
+    const uint16_t* r0 = kt + 2 * dp * bs + c;
+    const __m512i x =
+        bs == 16 ? _mm512_loadu_si512(r0)
+                 : _mm512_inserti64x4(
+                       _mm512_castsi256_si512(_mm256_loadu_si256(
+                           reinterpret_cast<const __m256i*>(r0))),
+                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + bs)), 1);
+    _mm512_storeu_si512(out + dp * 32, _mm512_permutexvar_epi16(il.rows, x));
+  }
+}
+
+// Keys k0 .. k0 + 31 of V (rows of 64) -> the four B tiles of O = P V (16 dims each):
+//   out[c][kp][d][e] = V[k0 + 2 kp + e][16 c + d]; keys at or past len are zeros.
+inline void repack_values(const uint16_t* v_cache, const int64_t* table, int64_t block_stride,
+                          int64_t head_offset, int64_t bs, int64_t k0, int64_t len,
+                          const Interleave& il, uint16_t* out) {
+  for (int kp = 0; kp < 16; ++kp) {
+    const int64_t j = k0 + 2 * kp;  // j and j + 1 share a block: bs is even
+    __m512i a0, a1, b0, b1;
+    if (j < len) {
+      const uint16_t* ra =
+          v_cache + table[j / bs] * block_stride + head_offset + (j % bs) * kAmxDim;
+      a0 = _mm512_loadu_si512(ra), a1 = _mm512_loadu_si512(ra + 32);
+      if (j + 1 < len) {
+        b0 = _mm512_loadu_si512(ra + kAmxDim), b1 = _mm512_loadu_si512(ra + kAmxDim + 32);
+      } else {
+        b0 = b1 = _mm512_setzero_si512();
+      }
+    } else {
+      a0 = a1 = b0 = b1 = _mm512_setzero_si512();
+    }
+    _mm512_storeu_si512(out + 0 * 512 + kp * 32, _mm512_permutex2var_epi16(a0, il.lo, b0));
+    _mm512_storeu_si512(out + 1 * 512 + kp * 32, _mm512_permutex2var_epi16(a0, il.hi, b0));
+    _mm512_storeu_si512(out + 2 * 512 + kp * 32, _mm512_permutex2var_epi16(a1, il.lo, b1));
+    _mm512_storeu_si512(out + 3 * 512 + kp * 32, _mm512_permutex2var_epi16(a1, il.hi, b1));
+  }
+}
+
+// Row r of s -> p = exp((s - max) * scale) over its first visible[r] keys, as bf16 high parts
+// (rows 0..15 of p) and low parts (rows 16..31), zero up to `padded`; inv_sum[r] = 1 / sum.
+void softmax_visible(const float* s, int64_t ld, int rows, const int64_t* visible, float scale,
+                     uint16_t* p, int64_t padded, float* inv_sum) {
+  const __m512 k = _mm512_set1_ps(scale * 1.4426950408889634f);
+  for (int i = 0; i < kAmxRows; ++i) {
+    uint16_t* hi = p + i * ld;
+    uint16_t* lo = p + (i + kAmxRows) * ld;
+    if (i >= rows) {
+      std::memset(hi, 0, padded * 2);
+      std::memset(lo, 0, padded * 2);
+      inv_sum[i] = 0.f;
+      continue;
+    }
+    const float* sr = s + i * ld;
+    const int64_t n = visible[i];
+    const int64_t nv = n / 16 * 16;
+    const int tail = static_cast<int>(n - nv);
+    const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
+    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < nv; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sr + j));
+    if (tail) mv = _mm512_mask_max_ps(mv, tail_mask, mv, _mm512_maskz_loadu_ps(tail_mask, sr + nv));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nv; j += 16) {
+      const __m512 e = exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m), k));
+      sum = _mm512_add_ps(sum, e);
+      split_store(e, hi + j, lo + j);
+    }
+    int64_t done = nv;
+    if (tail) {
+      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask, sr + nv), m), k);
+      const __m512 e = _mm512_maskz_mov_ps(tail_mask, exp2_neg(x));
+      sum = _mm512_add_ps(sum, e);
+      split_store(e, hi + nv, lo + nv);
+      done += 16;
+    }
+    inv_sum[i] = 1.f / _mm512_reduce_add_ps(sum);
+    std::memset(hi + done, 0, (padded - done) * 2);
+    std::memset(lo + done, 0, (padded - done) * 2);
+  }
+}
+
+void multi_query_amx(const c10::BFloat16* q, const c10::BFloat16* k_cache,
+                     const c10::BFloat16* v_cache, const int64_t* tables,
+                     const int64_t* seq_lens, const int64_t* query_start, c10::BFloat16* out,
+                     int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t bs,
+                     int64_t max_blocks, float scale, int64_t max_seq_len) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t head_stride = kAmxDim * bs;
+  const int64_t block_stride = num_kv_heads * head_stride;
+  const int64_t ld = round_up(std::max<int64_t>(max_seq_len, 1), 32);
+  const auto* kc = reinterpret_cast<const uint16_t*>(k_cache);
+  const auto* vc = reinterpret_cast<const uint16_t*>(v_cache);
+  const Interleave il;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::vector<float> scores(kAmxRows * ld);
+    std::vector<uint16_t> p(2 * kAmxRows * ld);
+    alignas(64) uint16_t qtile[kAmxRows * kAmxDim];
+    alignas(64) uint16_t kbuf[kAmxDim / 2 * 32];
+    alignas(64) uint16_t vbuf[4 * 512];
+    alignas(64) float otile[kAmxRows * kAmxDim];
+    float inv_sum[kAmxRows];
+    int64_t visible[kAmxRows];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
+      const int64_t len = seq_lens[b], q0 = query_start[b];
+      const int64_t q_len = query_start[b + 1] - q0;
+      const int rows = static_cast<int>(q_len * group);
+      const int64_t* table = tables + b * max_blocks;
+      const int64_t head_offset = hk * head_stride;
+      std::memset(qtile, 0, sizeof(qtile));
+      for (int64_t i = 0; i < q_len; ++i) {
+        std::memcpy(qtile + i * group * kAmxDim, q + ((q0 + i) * num_heads + hk * group) * kAmxDim,
+                    group * kAmxDim * 2);
+        for (int64_t g = 0; g < group; ++g) visible[i * group + g] = len - q_len + 1 + i;
+      }
+      _tile_loadd(1, qtile, kAmxDim * 2);
+      _tile_loadd(2, qtile + 32, kAmxDim * 2);
+      const int64_t nblocks = (len + bs - 1) / bs;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const uint16_t* kt = kc + table[blk] * block_stride + head_offset;
+        if (blk + 1 < nblocks)
+          prefetch_slice(kc + table[blk + 1] * block_stride + head_offset, head_stride);
+        if (blk + kFarAhead < nblocks)
+          prefetch_slice<1>(kc + table[blk + kFarAhead] * block_stride + head_offset,
+                            head_stride);
+        for (int64_t c = 0; c < bs && blk * bs + c < len; c += 16) {
+          repack_keys(kt, bs, c, il, kbuf);
+          _tile_zero(0);
+          _tile_loadd(3, kbuf, 64);
+          _tile_dpbf16ps(0, 1, 3);
+          _tile_loadd(3, kbuf + 16 * 32, 64);
+          _tile_dpbf16ps(0, 2, 3);
+          _tile_stored(0, scores.data() + blk * bs + c, ld * 4);
+        }
+      }
+      const int64_t padded = round_up(len, 32);
+      softmax_visible(scores.data(), ld, rows, visible, scale, p.data(), padded, inv_sum);
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t k0 = 0; k0 < len; k0 += 32) {
+        const int64_t blk = k0 / bs;
+        if (blk + kFarAhead < nblocks && k0 % bs == 0)
+          prefetch_slice<1>(vc + table[blk + kFarAhead] * block_stride + head_offset,
+                            head_stride);
+        repack_values(vc, table, block_stride, head_offset, bs, k0, len, il, vbuf);
+        accumulate_pv(p.data() + k0, p.data() + kAmxRows * ld + k0, ld * 2, vbuf, 512, 64);
+      }
+      _tile_stored(4, otile, kAmxDim * 4);
+      _tile_stored(5, otile + 16, kAmxDim * 4);
+      _tile_stored(6, otile + 32, kAmxDim * 4);
+      _tile_stored(7, otile + 48, kAmxDim * 4);
+      for (int r = 0; r < rows; ++r) {
+        auto* dst = out + ((q0 + r / group) * num_heads + hk * group + r % group) * kAmxDim;
+        for (int c = 0; c < kAmxDim; c += 16) {
+          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(otile + r * kAmxDim + c),
+                                         _mm512_set1_ps(inv_sum[r]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#endif  // PAGEDLLM_AMX
+
+template <typename T, typename C>
+void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& tables, const at::Tensor& seq_lens,
+                       const at::Tensor& query_start, at::Tensor& out, double scale,
+                       int64_t max_seq_len, int64_t max_query_len) {
+  auto run = [&](auto d_tag) {
+    multi_query_impl<T, C, decltype(d_tag)::value>(
+        q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+        tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+        query_start.data_ptr<int64_t>(), out.data_ptr<T>(), seq_lens.size(0), q.size(1),
+        k_cache.size(1), k_cache.size(3), tables.size(1), static_cast<float>(scale),
+        max_seq_len, max_query_len);
+  };
+  switch (q.size(2)) {
+    case 16: run(std::integral_constant<int, 16>{}); break;
+    case 32: run(std::integral_constant<int, 32>{}); break;
+    case 64: run(std::integral_constant<int, 64>{}); break;
+    case 80: run(std::integral_constant<int, 80>{}); break;
+    case 96: run(std::integral_constant<int, 96>{}); break;
+    case 128: run(std::integral_constant<int, 128>{}); break;
+    case 256: run(std::integral_constant<int, 256>{}); break;
+    default: TORCH_CHECK(false, "paged_attention_multi: unsupported head_dim ", q.size(2));
+  }
+}
+
+at::Tensor paged_attention_multi(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                                 double scale, int64_t max_seq_len, int64_t max_query_len) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "inputs must be contiguous");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "q [T, H, D], k_cache [NB, Hkv, D, BS], v_cache [NB, Hkv, BS, D] (no int8 cache)");
+  TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(3) == q.size(2) &&
+                  v_cache.size(2) == k_cache.size(3),
+              "head_dim or block_size mismatch between q, k_cache and v_cache");
+  TORCH_CHECK(k_cache.size(3) % 16 == 0, "block_size must be a multiple of 16");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(max_query_len >= 1 && max_query_len * (q.size(1) / k_cache.size(1)) <= kMaxRows,
+              "max_query_len x query heads per kv head must be in [1, ", kMaxRows, "]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+                  query_start_loc.scalar_type() == at::kLong,
+              "block_tables, seq_lens and query_start_loc must be int64");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seq_lens.size(0) &&
+                  query_start_loc.dim() == 1 && query_start_loc.size(0) == seq_lens.size(0) + 1,
+              "block_tables [B, nb], seq_lens [B], query_start_loc [B + 1]");
+  auto bt = block_tables.contiguous();
+  auto sl = seq_lens.contiguous();
+  auto qs = query_start_loc.contiguous();
+  const int64_t* s = sl.data_ptr<int64_t>();
+  const int64_t* st = qs.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] >= 0 && st[seq_lens.size(0)] <= q.size(0), "query_start_loc out of range");
+  for (int64_t b = 0; b < seq_lens.size(0); ++b) {
+    const int64_t ql = st[b + 1] - st[b];
+    TORCH_CHECK(ql >= 1 && ql <= max_query_len && ql <= s[b] && s[b] <= max_seq_len &&
+                    (s[b] + k_cache.size(3) - 1) / k_cache.size(3) <= bt.size(1),
+                "sequence ", b, ": needs 1 <= q_len <= max_query_len, q_len <= seq_len <= "
+                "max_seq_len, and a block table that covers seq_len");
+  }
+  auto out = at::zeros_like(q);
+  const bool mixed = q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == q.scalar_type() || mixed),
+              "the cache must have q's dtype, or be bf16 under fp32 q");
+#ifdef PAGEDLLM_AMX
+  if (q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+      q.size(2) == kAmxDim && max_query_len * (q.size(1) / k_cache.size(1)) <= kAmxRows &&
+      pagedllm::amx_usable()) {
+    multi_query_amx(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                    v_cache.data_ptr<c10::BFloat16>(), bt.data_ptr<int64_t>(), s, st,
+                    out.data_ptr<c10::BFloat16>(), seq_lens.size(0), q.size(1), k_cache.size(1),
+                    k_cache.size(3), bt.size(1), static_cast<float>(scale), max_seq_len);
+    return out;
+  }
+#endif
+  if (mixed) {
+    dispatch_head_dim<float, c10::BFloat16>(q, k_cache, v_cache, bt, sl, qs, out, scale,
+                                            max_seq_len, max_query_len);
+    return out;
+  }
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      dispatch_head_dim<float, float>(q, k_cache, v_cache, bt, sl, qs, out, scale, max_seq_len,
+                                      max_query_len);
+      break;
+    case at::kBFloat16:
+      dispatch_head_dim<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, bt, sl, qs, out,
+                                                      scale, max_seq_len, max_query_len);
+      break;
+    case at::kHalf:
+      dispatch_head_dim<c10::Half, c10::Half>(q, k_cache, v_cache, bt, sl, qs, out, scale,
+                                              max_seq_len, max_query_len);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_attention_multi: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
+  m.def(
+      "paged_attention_multi(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale, int max_seq_len, "
+      "int max_query_len) -> Tensor");
+  m.impl("paged_attention_multi", c10::DispatchKey::CPU, &paged_attention_multi);
+}
