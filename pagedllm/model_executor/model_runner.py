@@ -122,7 +122,8 @@ class ModelRunner:
             inputs, hidden = self._forward(scheduler_output)
             logits = self.model.compute_logits(hidden[: inputs.num_tokens]).float()
             return [r.req_id for r in inputs.requests], logits
-        req_ids, hidden = self._forward_sampled(scheduler_output)
+        inputs, hidden = self._forward_sampled(scheduler_output)
+        req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
         return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
 
     def _forward(self, scheduler_output: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
@@ -137,11 +138,13 @@ class ModelRunner:
         )
         return inputs, self.model(inputs.input_ids, inputs.positions, inputs.attn)
 
-    def _forward_sampled(self, scheduler_output: SchedulerOutput) -> tuple[list[str], torch.Tensor]:
-        """The sampling requests' ids and fp32 final hidden states (then pad rows, if any)."""
+    def _forward_sampled(
+        self, scheduler_output: SchedulerOutput
+    ) -> tuple[ModelInputs, torch.Tensor]:
+        """The step's inputs and the fp32 final hidden states of its logit rows (see
+        ModelInputs.sample_token_index; then pad rows, if any)."""
         inputs, hidden = self._forward(scheduler_output)
-        req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
-        return req_ids, hidden.index_select(0, inputs.sample_token_index)
+        return inputs, hidden.index_select(0, inputs.sample_token_index)
 
     def _exact_logits(self, hidden: torch.Tensor) -> ExactLogits | None:
         """fp32 logits of a few tokens from the fp32 final hidden states: the greedy sampler
@@ -161,11 +164,10 @@ class ModelRunner:
             self.generators.pop(req_id, None)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(sampled={})
-        inputs, hidden = self._forward(scheduler_output)
+        inputs, hidden = self._forward_sampled(scheduler_output)
         sampling_reqs = [inputs.requests[i] for i in inputs.sample_rows]
         if not sampling_reqs:
             return ModelRunnerOutput(sampled={})
-        hidden = hidden.index_select(0, inputs.sample_token_index)
         num_rows = sum(inputs.sample_num_rows)
         logits = self.model.compute_logits(hidden)[:num_rows]
         batch = build_sampling_batch(

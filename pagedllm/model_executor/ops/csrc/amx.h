@@ -8,7 +8,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 namespace pagedllm {
 
@@ -64,6 +68,70 @@ inline void split_store(__m512 x, uint16_t* hi, uint16_t* lo) {
   const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(x, _mm512_cvtpbh_ps(h)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), reinterpret_cast<__m256i>(h));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(l));
+}
+
+// Score rows -> p = exp((s - max) * scale) over each row's first visible[i] keys, as bf16 high
+// parts (rows 0..15 of p) and low parts (rows 16..31), zero from there up to `padded` (and whole
+// rows at or past `rows`); inv_sum[i] = 1 / the row's sum (the output rows are scaled by it, so
+// p needs no second pass).
+inline void softmax_split_rows(const float* s, int64_t s_stride, int rows, const int64_t* visible,
+                               float scale, uint16_t* p, int64_t p_stride, int64_t padded,
+                               float* inv_sum) {
+  const __m512 k = _mm512_set1_ps(scale * 1.4426950408889634f);
+  for (int i = 0; i < 16; ++i) {
+    uint16_t* hi = p + i * p_stride;
+    uint16_t* lo = p + (i + 16) * p_stride;
+    if (i >= rows) {
+      std::memset(hi, 0, padded * 2);
+      std::memset(lo, 0, padded * 2);
+      inv_sum[i] = 0.f;
+      continue;
+    }
+    const float* sr = s + i * s_stride;
+    const int64_t n = visible[i];
+    const int64_t nv = n / 16 * 16;
+    const int tail = static_cast<int>(n - nv);
+    const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
+    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < nv; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sr + j));
+    if (tail) mv = _mm512_mask_max_ps(mv, tail_mask, mv, _mm512_maskz_loadu_ps(tail_mask, sr + nv));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nv; j += 16) {
+      const __m512 e = exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m), k));
+      sum = _mm512_add_ps(sum, e);
+      split_store(e, hi + j, lo + j);
+    }
+    int64_t done = nv;
+    if (tail) {
+      const __m512 x =
+          _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask, sr + nv), m), k);
+      const __m512 e = _mm512_maskz_mov_ps(tail_mask, exp2_neg(x));
+      sum = _mm512_add_ps(sum, e);
+      split_store(e, hi + nv, lo + nv);
+      done += 16;
+    }
+    inv_sum[i] = 1.f / _mm512_reduce_add_ps(sum);
+    std::memset(hi + done, 0, (padded - done) * 2);
+    std::memset(lo + done, 0, (padded - done) * 2);
+  }
+}
+
+// Tiles 4..7 (O, 16 rows x 64 dims) -> `o` [16][64] fp32.
+inline void store_output_tiles(float* o) {
+  _tile_stored(4, o, 64 * 4);
+  _tile_stored(5, o + 16, 64 * 4);
+  _tile_stored(6, o + 32, 64 * 4);
+  _tile_stored(7, o + 48, 64 * 4);
+}
+
+// One output row: 64 fp32 values x inv_sum, rounded to bf16.
+inline void store_scaled_row(const float* o, float inv_sum, c10::BFloat16* dst) {
+  for (int c = 0; c < 64; c += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + c), _mm512_set1_ps(inv_sum));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+  }
 }
 
 // Tiles 4..7 (O, 16 rows x 64 dims in four 16-column tiles) += P . V for 32 keys, with P as its

@@ -151,14 +151,16 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
 
 using pagedllm::accumulate_pv;
 using pagedllm::configure_tiles;
-using pagedllm::exp2_neg;
-using pagedllm::split_store;
+using pagedllm::softmax_split_rows;
+using pagedllm::store_output_tiles;
+using pagedllm::store_scaled_row;
 
 constexpr int kAmxDim = 64;   // head_dim
 constexpr int kAmxRows = 16;  // query rows of a task: one tile
 
-// Element 2j <- a[j], 2j + 1 <- b[j] (j < 16), with (a, b) = the two halves of one register
-// (K^T rows 2dp and 2dp + 1) or two registers (V rows 2kp and 2kp + 1, offset by `base`).
+// Permutes that interleave two rows of 16 bf16: element 2j <- a[j], 2j + 1 <- b[j]. `rows`: a
+// and b are the halves of one register (K^T rows 2dp and 2dp + 1); `lo` / `hi`: the first /
+// second 16 elements of two registers (V rows 2kp and 2kp + 1).
 struct Interleave {
   __m512i rows, lo, hi;
   Interleave() {
@@ -212,49 +214,6 @@ inline void repack_values(const uint16_t* v_cache, const int64_t* table, int64_t
     _mm512_storeu_si512(out + 1 * 512 + kp * 32, _mm512_permutex2var_epi16(a0, il.hi, b0));
     _mm512_storeu_si512(out + 2 * 512 + kp * 32, _mm512_permutex2var_epi16(a1, il.lo, b1));
     _mm512_storeu_si512(out + 3 * 512 + kp * 32, _mm512_permutex2var_epi16(a1, il.hi, b1));
-  }
-}
-
-// Row r of s -> p = exp((s - max) * scale) over its first visible[r] keys, as bf16 high parts
-// (rows 0..15 of p) and low parts (rows 16..31), zero up to `padded`; inv_sum[r] = 1 / sum.
-void softmax_visible(const float* s, int64_t ld, int rows, const int64_t* visible, float scale,
-                     uint16_t* p, int64_t padded, float* inv_sum) {
-  const __m512 k = _mm512_set1_ps(scale * 1.4426950408889634f);
-  for (int i = 0; i < kAmxRows; ++i) {
-    uint16_t* hi = p + i * ld;
-    uint16_t* lo = p + (i + kAmxRows) * ld;
-    if (i >= rows) {
-      std::memset(hi, 0, padded * 2);
-      std::memset(lo, 0, padded * 2);
-      inv_sum[i] = 0.f;
-      continue;
-    }
-    const float* sr = s + i * ld;
-    const int64_t n = visible[i];
-    const int64_t nv = n / 16 * 16;
-    const int tail = static_cast<int>(n - nv);
-    const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
-    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < nv; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sr + j));
-    if (tail) mv = _mm512_mask_max_ps(mv, tail_mask, mv, _mm512_maskz_loadu_ps(tail_mask, sr + nv));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nv; j += 16) {
-      const __m512 e = exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m), k));
-      sum = _mm512_add_ps(sum, e);
-      split_store(e, hi + j, lo + j);
-    }
-    int64_t done = nv;
-    if (tail) {
-      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask, sr + nv), m), k);
-      const __m512 e = _mm512_maskz_mov_ps(tail_mask, exp2_neg(x));
-      sum = _mm512_add_ps(sum, e);
-      split_store(e, hi + nv, lo + nv);
-      done += 16;
-    }
-    inv_sum[i] = 1.f / _mm512_reduce_add_ps(sum);
-    std::memset(hi + done, 0, (padded - done) * 2);
-    std::memset(lo + done, 0, (padded - done) * 2);
   }
 }
 
@@ -314,7 +273,7 @@ void multi_query_amx(const c10::BFloat16* q, const c10::BFloat16* k_cache,
         }
       }
       const int64_t padded = round_up(len, 32);
-      softmax_visible(scores.data(), ld, rows, visible, scale, p.data(), padded, inv_sum);
+      softmax_split_rows(scores.data(), ld, rows, visible, scale, p.data(), ld, padded, inv_sum);
       _tile_zero(4);
       _tile_zero(5);
       _tile_zero(6);
@@ -327,19 +286,10 @@ void multi_query_amx(const c10::BFloat16* q, const c10::BFloat16* k_cache,
         repack_values(vc, table, block_stride, head_offset, bs, k0, len, il, vbuf);
         accumulate_pv(p.data() + k0, p.data() + kAmxRows * ld + k0, ld * 2, vbuf, 512, 64);
       }
-      _tile_stored(4, otile, kAmxDim * 4);
-      _tile_stored(5, otile + 16, kAmxDim * 4);
-      _tile_stored(6, otile + 32, kAmxDim * 4);
-      _tile_stored(7, otile + 48, kAmxDim * 4);
-      for (int r = 0; r < rows; ++r) {
-        auto* dst = out + ((q0 + r / group) * num_heads + hk * group + r % group) * kAmxDim;
-        for (int c = 0; c < kAmxDim; c += 16) {
-          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(otile + r * kAmxDim + c),
-                                         _mm512_set1_ps(inv_sum[r]));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
-                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
-        }
-      }
+      store_output_tiles(otile);
+      for (int r = 0; r < rows; ++r)
+        store_scaled_row(otile + r * kAmxDim, inv_sum[r],
+                         out + ((q0 + r / group) * num_heads + hk * group + r % group) * kAmxDim);
     }
     _tile_release();
   });

@@ -7,7 +7,7 @@
 //   S[16, n]  = Q[16, 64] . K^T          tile dot products, 16 keys at a time
 //   P[16, n]  = softmax(S * scale)       fp32 on AVX-512, causal: row i sees keys <= its own
 //   O[16, 64] = P . V                    32 keys at a time into four 16x16 fp32 tiles, with P
-//                                        as two bf16 parts (see split_store)
+//                                        as two bf16 parts (see split_store in amx.h)
 //
 // The whole score row fits in a buffer (n <= the sequence length), so the softmax is exact and
 // O needs no rescaling. Only head_dim 64 and bf16; callers check `amx_supported`.
@@ -36,8 +36,9 @@ constexpr int kRows = 16;  // query rows per task (a tile's rows)
 using pagedllm::accumulate_pv;
 using pagedllm::amx_usable;
 using pagedllm::configure_tiles;
-using pagedllm::exp2_neg;
-using pagedllm::split_store;
+using pagedllm::softmax_split_rows;
+using pagedllm::store_output_tiles;
+using pagedllm::store_scaled_row;
 
 // Keys and values of one (sequence, kv head), zero-padded to `padded` (a multiple of 32) keys:
 //   kp[kb][dp][j][e] = K[16 kb + j][2 dp + e]   (B tiles of S = Q K^T, 16 keys each)
@@ -56,50 +57,6 @@ void repack(const c10::BFloat16* k, const c10::BFloat16* v, int64_t row_stride, 
     }
     uint16_t* vdst = vp + (j / 2) * (2 * kDim) + (j % 2);
     for (int d = 0; d < kDim; ++d) vdst[2 * d] = vr[d];
-  }
-}
-
-// Row i of s (scores of query position q0 + i) -> p = exp((s - max) * scale), split into bf16
-// high parts (rows 0..15 of p) and low parts (rows 16..31), zero past the causal limit and up to
-// `padded`; inv_sum[i] = 1 / the row's sum (the output rows are scaled by it, so p needs no
-// second pass).
-void softmax_rows(const float* s, int64_t s_stride, int rows, int64_t q0, float scale,
-                  uint16_t* p, int64_t p_stride, int64_t padded, float* inv_sum) {
-  const __m512 k = _mm512_set1_ps(scale * 1.4426950408889634f);
-  for (int i = 0; i < kRows; ++i) {
-    uint16_t* pr = p + i * p_stride;
-    if (i >= rows) {
-      std::memset(pr, 0, padded * 2);
-      std::memset(pr + p_stride * kRows, 0, padded * 2);
-      inv_sum[i] = 0.f;
-      continue;
-    }
-    const float* sr = s + i * s_stride;
-    const int64_t n = q0 + i + 1;
-    const int64_t nv = n / 16 * 16;
-    const int tail = static_cast<int>(n - nv);
-    const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
-    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < nv; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sr + j));
-    if (tail) mv = _mm512_mask_max_ps(mv, tail_mask, mv, _mm512_maskz_loadu_ps(tail_mask, sr + nv));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nv; j += 16) {
-      const __m512 e = exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m), k));
-      sum = _mm512_add_ps(sum, e);
-      split_store(e, pr + j, pr + p_stride * kRows + j);
-    }
-    int64_t done = nv;
-    if (tail) {
-      const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + nv), m), k);
-      const __m512 e = _mm512_maskz_mov_ps(tail_mask, exp2_neg(x));
-      sum = _mm512_add_ps(sum, e);
-      split_store(e, pr + nv, pr + p_stride * kRows + nv);
-      done += 16;
-    }
-    inv_sum[i] = 1.f / _mm512_reduce_add_ps(sum);
-    std::memset(pr + done, 0, (padded - done) * 2);
-    std::memset(pr + p_stride * kRows + done, 0, (padded - done) * 2);
   }
 }
 
@@ -149,6 +106,7 @@ void prefill_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     alignas(64) uint16_t qtile[kRows * kDim];
     alignas(64) float otile[kRows * kDim];
     float inv_sum[kRows];
+    int64_t visible[kRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ti = 0; ti < num_tasks; ++ti) {
       const Task& t = tasks[ti];
@@ -191,8 +149,9 @@ void prefill_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         _tile_dpbf16ps(0, 2, 3);
         _tile_stored(0, sbuf.data() + kb * 16, max_padded * 4);
       }
-      softmax_rows(sbuf.data(), max_padded, rows, t.row0, scale, pbuf.data(), max_padded, n32,
-                   inv_sum);
+      for (int i = 0; i < rows; ++i) visible[i] = t.row0 + i + 1;  // causal
+      softmax_split_rows(sbuf.data(), max_padded, rows, visible, scale, pbuf.data(), max_padded,
+                         n32, inv_sum);
       _tile_zero(4);
       _tile_zero(5);
       _tile_zero(6);
@@ -201,19 +160,10 @@ void prefill_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         accumulate_pv(pbuf.data() + kb * 32, pbuf.data() + kRows * max_padded + kb * 32,
                       max_padded * 2, vp + kb * 16 * (2 * kDim), 32, 4 * kDim);
       }
-      _tile_stored(4, otile, kDim * 4);
-      _tile_stored(5, otile + 16, kDim * 4);
-      _tile_stored(6, otile + 32, kDim * 4);
-      _tile_stored(7, otile + 48, kDim * 4);
-      for (int i = 0; i < rows; ++i) {
-        auto* dst = op + (s.start + t.row0 + i) * o_stride + t.head * kDim;
-        for (int c = 0; c < kDim; c += 16) {
-          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(otile + i * kDim + c),
-                                         _mm512_set1_ps(inv_sum[i]));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
-                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
-        }
-      }
+      store_output_tiles(otile);
+      for (int i = 0; i < rows; ++i)
+        store_scaled_row(otile + i * kDim, inv_sum[i],
+                         op + (s.start + t.row0 + i) * o_stride + t.head * kDim);
     }
     _tile_release();
   }
