@@ -12,7 +12,8 @@ chunk), and its logits are computed at every one of its positions.
 
 With ``pad`` the token rows (and the rows whose logits are computed) are rounded up to a bucket
 (``padded_rows``): oneDNN builds a new GEMM kernel for every new row count, ~8 ms on each bf16
-decode step whose batch size is new, and the batch size changes at almost every step. Pad rows
+decode step whose batch size is new, and the batch size changes at almost every step; and a
+lone row is run as two, so that its result does not depend on the batch. Pad rows
 hold token 0 at position 0; they write no K/V and attend to nothing, and their outputs are dropped.
 """
 
@@ -48,9 +49,15 @@ class ModelInputs:
 
 
 def padded_rows(n: int) -> int:
-    """The bucket n rows round up to: exact below 16, then multiples of 16, 64 past 512."""
+    """The bucket n rows round up to: exact from 2 to 15, then multiples of 16, 64 past 512.
+
+    NOTE: one row runs as two. oneDNN's bf16 GEMM sums a lone row in another order than rows of
+    a larger batch (on AVX-512-BF16, e.g. 10 of 100 rows of the 1536-wide down projection
+    differ), so a sequence decoding alone got other bf16 logits, and in greedy decoding other
+    text, than the same sequence decoding beside others. From two rows up a row's result does
+    not depend on the batch."""
     if n < 16:
-        return n
+        return 2 if n == 1 else n
     step = 16 if n <= 512 else 64
     return -(-n // step) * step
 

@@ -60,6 +60,7 @@ class Sampler:
             if not batch.banned and batch.penalties is None:
                 # Plain greedy: argmax of the raw (bf16) logits, no fp32 copy of [B, V].
                 return SamplerOutput(token_ids=greedy_argmax(logits, exact_logits))
+        raw = logits
         logits = logits.float()
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
@@ -71,7 +72,7 @@ class Sampler:
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
 
-        greedy = greedy_argmax(logits)
+        greedy = self._greedy(raw, logits, batch, exact_logits)
         if batch.all_greedy:
             token_ids = greedy
         else:
@@ -84,6 +85,31 @@ class Sampler:
             if batch.max_num_logprobs > 0:
                 out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
         return out
+
+    @staticmethod
+    def _greedy(
+        raw: torch.Tensor,
+        processed: torch.Tensor,
+        batch: SamplingBatch,
+        exact_logits: ExactLogits | None,
+    ) -> torch.Tensor:
+        """Greedy picks that depend on the row alone, not on what else is in the batch: a row
+        with no ban or penalty of its own is decided on its raw logits with the fp32 tie-break,
+        exactly as in an all-greedy batch; only rows with their own bans or penalties use the
+        processed logits."""
+        greedy = greedy_argmax(processed)
+        if exact_logits is None or raw.dtype == torch.float32:
+            return greedy
+        greedy_rows = batch.temperature == 0.0
+        own = torch.zeros_like(greedy_rows)
+        for row, _ in batch.banned:
+            own[row] = True
+        if batch.penalties is not None:
+            p = batch.penalties
+            own |= (p.presence != 0) | (p.frequency != 0) | (p.repetition != 1)
+        if not bool((greedy_rows & ~own).any()):
+            return greedy
+        return torch.where(own, greedy, greedy_argmax(raw, exact_logits))
 
     def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)

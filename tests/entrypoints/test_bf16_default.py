@@ -77,3 +77,30 @@ def test_int8_weights_answers_stay_coherent(default_gguf, smol_llm):
     for question, answer in QUESTIONS:
         text = llm.chat([[{"role": "user", "content": question}]], params)[0].outputs[0].text
         assert re.search(answer, text.lower()), f"int8 weights answered {question!r} with {text!r}"
+
+
+def test_bf16_greedy_output_does_not_depend_on_the_batch(bf16_llm):
+    """Greedy text in bf16 must be the same alone and inside a busy batch of sampled requests
+    (the hostile probe saw 5 of 10 differ): a lone row runs as two in oneDNN's GEMM, and greedy
+    rows settle near-ties the same way whatever their neighbours (input_batch.padded_rows,
+    Sampler._greedy)."""
+    import random
+
+    prompts = [
+        f"Write a short story about a {w} who learns to"
+        for w in ("cat", "robot", "farmer", "pilot", "river", "teacher", "ghost", "chef")
+    ]
+    greedy = SamplingParams(temperature=0.0, max_tokens=64)
+    alone = [bf16_llm.generate([p], greedy)[0].outputs[0].text for p in prompts]
+    rng = random.Random(0)
+    words = "the of and a to in is you that it he was for on are as with his they at be".split()
+    others = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 300))) for _ in range(24)]
+    mixed = others[:12] + prompts + others[12:]
+    params = [
+        greedy
+        if m in prompts
+        else SamplingParams(temperature=1.0, seed=i, max_tokens=rng.randint(20, 120))
+        for i, m in enumerate(mixed)
+    ]
+    batched = {o.prompt: o.outputs[0].text for o in bf16_llm.generate(mixed, params)}
+    assert [batched[p] for p in prompts] == alone

@@ -17,13 +17,13 @@ def test_padded_rows_round_up_to_few_buckets():
     for n in range(0, 3000):
         rows = padded_rows(n)
         if n < 16:
-            assert rows == n
+            assert rows == (2 if n == 1 else n)  # one row runs as two: batch-invariant
         elif n <= 512:
             assert rows % 16 == 0 and n <= rows < n + 16
         else:
             assert rows % 64 == 0 and n <= rows < n + 64
     # few distinct row counts, so oneDNN builds few GEMM kernels
-    assert len({padded_rows(n) for n in range(1, 2049)}) == 15 + 32 + 24
+    assert len({padded_rows(n) for n in range(1, 2049)}) == 14 + 32 + 24
 
 
 def run_batch(model_dir: str, pad: bool) -> tuple[dict, list[tuple[int, int]]]:

@@ -167,6 +167,35 @@ def test_greedy_settles_bf16_near_ties_with_exact_logits(native, monkeypatch):
     assert asked == {}, "fp32 logits are exact already"
 
 
+def test_greedy_near_ties_are_settled_alike_whatever_the_batch():
+    """A greedy row's pick must not depend on its neighbours: beside a sampled row, a row with
+    logprobs, or a row with penalties, it is settled by the fp32 tie-break as when alone."""
+    logits = torch.full((2, 50), -3.0)
+    logits[0, 5] = logits[0, 9] = 20.0  # a bf16 tie the exact logits settle for 9
+    logits = logits.to(torch.bfloat16)
+
+    def exact(row, token_ids):
+        return token_ids.float()  # prefers the highest candidate id
+
+    alone = SamplingBatch(temperature=torch.zeros(1), all_greedy=True)
+    assert Sampler()(logits[:1], alone, exact).token_ids.tolist() == [9]
+    beside_sampled = _batch(2, temperature=torch.tensor([0.0, 1.0]))
+    assert Sampler()(logits, beside_sampled, exact).token_ids[0].item() == 9
+    with_logprobs = SamplingBatch(temperature=torch.zeros(2), all_greedy=True, max_num_logprobs=0)
+    assert Sampler()(logits, with_logprobs, exact).token_ids[0].item() == 9
+    penalties = Penalties(
+        presence=torch.tensor([0.0, 0.5]),
+        frequency=torch.zeros(2),
+        repetition=torch.ones(2),
+        output_counts=torch.zeros(2, 50, dtype=torch.int64),
+        prompt_mask=torch.zeros(2, 50, dtype=torch.bool),
+    )
+    beside_penalized = SamplingBatch(
+        temperature=torch.zeros(2), all_greedy=True, penalties=penalties
+    )
+    assert Sampler()(logits, beside_penalized, exact).token_ids[0].item() == 9
+
+
 @pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 100, 1000])
