@@ -28,3 +28,8 @@ def disable_native_ops() -> bool:
 def api_key() -> str | None:
     """The server's API key (``pagedllm serve --api-key`` wins); unset or empty = no auth."""
     return os.environ.get("PAGEDLLM_API_KEY") or None
+
+
+def metrics_api_key() -> str | None:
+    """The key /metrics requires (``--metrics-api-key`` wins); unset = the API key, if any."""
+    return os.environ.get("PAGEDLLM_METRICS_API_KEY") or None

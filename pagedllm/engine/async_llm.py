@@ -46,6 +46,10 @@ class EngineNotReadyError(RuntimeError):
     """The engine is still loading the model."""
 
 
+class RequestAbortedError(RuntimeError):
+    """The request was cut off unfinished by a shutdown (not by its own client)."""
+
+
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -72,12 +76,14 @@ class _Add:
     params: SamplingParams
     arrival_time: float
     stream: RequestStream
+    group_id: str | None = None
 
 
 @dataclass
 class _Abort:
     request_ids: list[str] = field(default_factory=list)
     all: bool = False
+    reason: str | None = None  # given: the streams get a RequestAbortedError, not an output
 
 
 @dataclass
@@ -156,13 +162,15 @@ class AsyncLLM:
         prompt: PromptType,
         params: SamplingParams,
         arrival_time: float | None = None,
+        group_id: str | None = None,
     ) -> RequestStream:
         """Queue a request and wait until the engine accepted it. Raises ValueError for bad input
-        (nothing is queued then), EngineNotReadyError / EngineDeadError if it cannot serve."""
+        (nothing is queued then), EngineNotReadyError / EngineDeadError if it cannot serve.
+        Requests sharing a ``group_id`` (one API call's prompts) share their fair turn."""
         self._check_alive()
         stream = RequestStream(request_id, self.abort)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._queue.put(_Add(request_id, prompt, params, arrival, stream))
+        self._queue.put(_Add(request_id, prompt, params, arrival, stream, group_id))
         try:
             await stream.accepted
         except BaseException:
@@ -187,8 +195,10 @@ class AsyncLLM:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         self._queue.put(_Abort(ids))
 
-    def abort_all(self) -> None:
-        self._queue.put(_Abort(all=True))
+    def abort_all(self, reason: str | None = None) -> None:
+        """Abort every request; with a reason (a shutdown), their consumers get a
+        RequestAbortedError carrying it instead of a final output with finish_reason abort."""
+        self._queue.put(_Abort(all=True, reason=reason))
 
     def _check_alive(self) -> None:
         if self.state == EngineState.READY:
@@ -247,6 +257,8 @@ class AsyncLLM:
         """One iteration: apply queued commands, run one step if there is work, record stats,
         hand the outputs to their streams. -> whether a stop was requested."""
         outputs: list[RequestOutput] = []
+        # Requests cut off by a shutdown: their streams get this error, not the output.
+        failed: dict[str, RequestAbortedError] = {}
         stop = False
         for cmd in self._next_commands(block=not engine.has_unfinished_requests()):
             if isinstance(cmd, _Stop):
@@ -256,16 +268,25 @@ class AsyncLLM:
                 deliveries.append((cmd.stream.put_accepted, error))
             else:
                 ids = list(self._streams) if cmd.all else cmd.request_ids
-                outputs.extend(engine.abort_request(ids))
+                aborted = engine.abort_request(ids)
+                outputs.extend(aborted)
+                if cmd.reason is not None:
+                    failed.update((o.request_id, RequestAbortedError(cmd.reason)) for o in aborted)
         if stop:
-            outputs.extend(engine.abort_request(list(self._streams)))
+            aborted = engine.abort_request(list(self._streams))
+            outputs.extend(aborted)
+            error = RequestAbortedError("the engine stopped before this request finished")
+            failed.update((o.request_id, error) for o in aborted)
         elif engine.has_unfinished_requests():
             outputs.extend(engine.step())
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            deliveries.append((stream.put, out))
+            if out.request_id in failed:
+                deliveries.append((stream.put_error, failed[out.request_id]))
+            else:
+                deliveries.append((stream.put, out))
             if out.finished:
                 del self._streams[out.request_id]
         # Stats first: whoever reads them after receiving an output sees the step that made it.
@@ -277,7 +298,9 @@ class AsyncLLM:
         self, engine: LLMEngine, cmd: _Add, tracker: RequestStatsTracker
     ) -> BaseException | None:
         try:
-            engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time)
+            engine.add_request(
+                cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time, cmd.group_id
+            )
         except ValueError as exc:
             return exc
         except Exception as exc:  # a bug, not a user mistake: report it, keep serving

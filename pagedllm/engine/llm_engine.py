@@ -138,8 +138,10 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        group_id: str | None = None,
     ) -> None:
-        """Validate and queue a request; raises ValueError (and changes nothing) on bad input."""
+        """Validate and queue a request; raises ValueError (and changes nothing) on bad input.
+        Its n samples, and requests given the same ``group_id``, take turns as one group."""
         params = params or SamplingParams()
         if self.output_processor.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -153,7 +155,7 @@ class LLMEngine:
                 if params.seed is not None:
                     child_params.seed = params.seed + i
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            req = Request(child_id, prompt_ids, child_params, arrival_time)
+            req = Request(child_id, prompt_ids, child_params, arrival_time, group_id or request_id)
             requests.append(req)
             samples[child_id] = SampleState(
                 index=i,

@@ -48,8 +48,11 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         arrival_time: float | None = None,
+        group_id: str | None = None,
     ) -> None:
         self.req_id = req_id
+        # The API call it came from (its prompts x n samples); admission is fair between groups.
+        self.group_id = req_id if group_id is None else group_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time

@@ -6,13 +6,14 @@ prefill, prefix hits and preemption need no special modes. It imports no torch.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.waiting_queue import WaitingQueue, max_seats_per_group
 from pagedllm.scheduler_output import (
     ModelRunnerOutput,
     SampledToken,
@@ -58,7 +59,7 @@ class Scheduler:
         self.spec_num_draft_tokens = 0
         self.spec_num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue(max_seats_per_group(config.max_num_seqs))
         self.running: list[Request] = []
         self.finished_req_ids: set[str] = set()
         self.num_preemptions_total = 0
@@ -132,11 +133,15 @@ class Scheduler:
             budget -= num_new
             idx += 1
 
-        # 2. Admit waiting requests (FCFS) while seats, budget and blocks allow.
+        # 2. Admit waiting requests (fair between groups, see WaitingQueue) while seats, budget
+        # and blocks allow.
+        seats = Counter(r.group_id for r in self.running)
         while not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            request = self.waiting[0]
+            request = self.waiting.peek(seats)
+            if request is None:
+                break
             hit_blocks, num_hit = [], 0
             if request.num_computed_tokens == 0:
                 hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(request)
@@ -147,7 +152,8 @@ class Scheduler:
                 num_new = budget
             if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
+            seats[request.group_id] += 1
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens is None:

@@ -290,6 +290,18 @@ def test_bad_prompts_raise_and_engine_keeps_serving(tiny_llama_dir, prompt, para
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"seed": 2**70}, "seed"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        # NaN passes every `<` check, so each float field is tested for it; absurd magnitudes
+        # (1e-300 would overflow the logits to inf) are out of range.
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+        ({"temperature": "hot"}, "temperature"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):

@@ -52,8 +52,13 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from pagedllm.entrypoints.openai.read_timeouts import BodyReadTimeout, header_timeout_protocol
 from pagedllm.entrypoints.openai.serving import cancel_on_disconnect
-from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat, messages_to_dicts
+from pagedllm.entrypoints.openai.serving_chat import (
+    OpenAIServingChat,
+    check_messages,
+    messages_to_dicts,
+)
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 
@@ -120,6 +125,7 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONRespon
     if (request.prompt is None) == (request.messages is None):
         raise OpenAIError("give exactly one of prompt and messages", param="prompt")
     if request.messages is not None:
+        check_messages(request.messages)
         add_generation_prompt = request.add_generation_prompt is not False
         _, tokens = await tokenizer.apply_chat_template(
             messages_to_dicts(request.messages), add_generation_prompt
@@ -174,7 +180,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
             await asyncio.to_thread(engine.shutdown)
             tokenizer.shutdown()
 
-    app = FastAPI(title="pagedllm OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    # NOTE: no trailing-slash redirects: their Location echoes the client's Host header.
+    app = FastAPI(
+        title="pagedllm OpenAI-compatible server",
+        version=__version__,
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
     app.include_router(build_router())
     install_error_handlers(app)
     state = ServerState()
@@ -183,12 +195,16 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
     app.state.server = state
     app.state.stat_logger = stat_logger
     app.state.tokenizer = tokenizer
-    app.state.completion = OpenAIServingCompletion(engine, tokenizer, config.served_model_name)
-    app.state.chat = OpenAIServingChat(engine, tokenizer, config.served_model_name)
-    # Added innermost first: a request meets the gate, then auth, then the body limit.
+    servings = (engine, tokenizer, config.served_model_name, config.max_seqs_per_request)
+    app.state.completion = OpenAIServingCompletion(*servings)
+    app.state.chat = OpenAIServingChat(*servings)
+    # Added innermost first: a request meets the gate, then auth, the body limit, the deadline.
+    app.add_middleware(BodyReadTimeout, state=state, timeout=config.body_read_timeout)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
-    if config.api_key:
-        app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    if config.api_key or config.metrics_api_key:
+        app.add_middleware(
+            APIKeyAuth, api_key=config.api_key, metrics_api_key=config.metrics_api_key
+        )
     app.add_middleware(
         RequestGate, state=state, is_loading=lambda: engine.state == EngineState.LOADING
     )
@@ -213,6 +229,7 @@ def build_server(
         access_log=config.access_log,
         timeout_graceful_shutdown=FINAL_FLUSH_TIMEOUT_S,
         lifespan="on",
+        http=header_timeout_protocol(config.header_read_timeout),
     )
     server = GracefulServer(
         uvicorn_config,

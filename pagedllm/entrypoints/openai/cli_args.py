@@ -10,12 +10,15 @@ from dataclasses import dataclass
 from pagedllm import envs
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.engine_cli_args import add_engine_args, engine_args_from_namespace
+from pagedllm.entrypoints.openai.serving import DEFAULT_MAX_SEQS_PER_REQUEST
 from pagedllm.model_executor.loader import DEFAULT_MODEL_NAME
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_HEADER_READ_TIMEOUT_S = 10.0
+DEFAULT_BODY_READ_TIMEOUT_S = 60.0
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -25,9 +28,13 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_key: str | None = None
+    metrics_api_key: str | None = None
     chat_template: str | None = None  # the template text, not its path
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT_S
+    body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S
     uvicorn_log_level: str = "info"
     access_log: bool = True
 
@@ -38,10 +45,19 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.max_seqs_per_request < 1:
+            raise ValueError(
+                f"max_seqs_per_request must be positive, got {self.max_seqs_per_request}"
+            )
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        for name in ("header_read_timeout", "body_read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
+        if self.metrics_api_key == "":
+            raise ValueError("metrics_api_key must not be empty")
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -71,8 +87,15 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer <key>' on /v1/*, /tokenize and /detokenize "
-        "(default: env PAGEDLLM_API_KEY; unset = no authentication)",
+        help="require 'Authorization: Bearer <key>' on every route but /health and /version "
+        "(/metrics: see --metrics-api-key) (default: env PAGEDLLM_API_KEY; unset = no "
+        "authentication)",
+    )
+    parser.add_argument(
+        "--metrics-api-key",
+        default=None,
+        help="the key /metrics requires, so a Prometheus scraper needs no API key (default: env "
+        "PAGEDLLM_METRICS_API_KEY, else the --api-key; neither set = /metrics is open)",
     )
     parser.add_argument(
         "--served-model-name",
@@ -93,10 +116,31 @@ def make_arg_parser() -> argparse.ArgumentParser:
         help="largest request body in bytes; larger ones get HTTP 413 (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=DEFAULT_MAX_SEQS_PER_REQUEST,
+        help="most sequences one request may fan out into (prompts x n); more get HTTP 400 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         help="seconds SIGTERM/SIGINT waits for in-flight requests before aborting them "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--header-read-timeout",
+        type=float,
+        default=DEFAULT_HEADER_READ_TIMEOUT_S,
+        help="seconds a client has to send a request's headers before the connection is "
+        "closed with 408 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=DEFAULT_BODY_READ_TIMEOUT_S,
+        help="seconds a client has to send a request's whole body before it gets 408 "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -136,9 +180,15 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         host=ns.host,
         port=ns.port,
         api_key=ns.api_key if ns.api_key is not None else envs.api_key(),
+        metrics_api_key=(
+            ns.metrics_api_key if ns.metrics_api_key is not None else envs.metrics_api_key()
+        ),
         chat_template=load_chat_template(ns.chat_template),
         max_request_bytes=ns.max_request_bytes,
+        max_seqs_per_request=ns.max_seqs_per_request,
         shutdown_timeout=ns.shutdown_timeout,
+        header_read_timeout=ns.header_read_timeout,
+        body_read_timeout=ns.body_read_timeout,
         uvicorn_log_level=ns.uvicorn_log_level,
         access_log=not ns.disable_uvicorn_access_log,
     )

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagedllm.engine.async_llm import EngineDeadError, EngineNotReadyError
+from pagedllm.engine.async_llm import EngineDeadError, EngineNotReadyError, RequestAbortedError
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -78,6 +79,8 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         return exc
     if isinstance(exc, ValueError):
         return OpenAIError(str(exc), 400)
+    if isinstance(exc, RequestAbortedError):
+        return OpenAIError(str(exc), 503, code="shutting_down")
     if isinstance(exc, EngineNotReadyError):
         return OpenAIError(str(exc), 503, code="model_loading")
     if isinstance(exc, EngineDeadError):
@@ -132,7 +135,8 @@ def install_error_handlers(app: FastAPI) -> None:
             405: f"method {request.method} not allowed for {request.url.path}",
         }
         message = messages.get(exc.status_code, str(exc.detail))
-        code = "request_too_large" if exc.status_code == 413 else None
+        codes = {408: "request_timeout", 413: "request_too_large", 503: "shutting_down"}
+        code = codes.get(exc.status_code)
         return error_response(message, exc.status_code, code=code, headers=exc.headers)
 
     async def on_other_error(request: Request, exc: Exception) -> JSONResponse:
@@ -142,5 +146,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    for exc_type in (ValueError, EngineNotReadyError, EngineDeadError, Exception):
+    for exc_type in (
+        ValueError,
+        EngineNotReadyError,
+        EngineDeadError,
+        RequestAbortedError,
+        Exception,
+    ):
         app.add_exception_handler(exc_type, on_other_error)

@@ -2,8 +2,10 @@
 
 On the first SIGTERM/SIGINT the server keeps its socket open but answers new requests (and
 /health) with 503, waits for in-flight requests (streams included) to finish, for at most
-``shutdown_timeout`` seconds, then aborts what is left, stops the engine and exits 0. A second
-signal stops waiting: it aborts in-flight requests at once.
+``shutdown_timeout`` seconds, then aborts what is left (each gets a 503 JSON error, or an error
+event if it streams), stops the engine and exits 0. A second signal stops waiting: it aborts
+in-flight requests at once. A request whose body is still being read when the drain starts gets
+its 503 at once (read_timeouts.py), so a stalled client cannot hold the drain.
 
     signal -> draining (503s) -> in-flight == 0 or timeout -> abort rest -> uvicorn shutdown
 """
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # Once drained (or aborted), how long uvicorn may take to flush responses and close connections.
 FINAL_FLUSH_TIMEOUT_S = 5
+# What a request still unfinished at shutdown is told (HTTP 503, or an error event if streaming).
+SHUTDOWN_ABORT_REASON = "the server shut down before this request finished; retry it"
 
 
 class GracefulServer(uvicorn.Server):
@@ -54,7 +58,7 @@ class GracefulServer(uvicorn.Server):
         if self._num_signals == 1:
             self.begin_drain()
         elif self._num_signals == 2:
-            self.engine.abort_all()
+            self.engine.abort_all(SHUTDOWN_ABORT_REASON)
             self.should_exit = True
         else:
             self.force_exit = True
@@ -80,7 +84,7 @@ class GracefulServer(uvicorn.Server):
                 logger.warning(
                     "shutdown timeout: aborting %d in-flight request(s)", self.state.num_inflight
                 )
-                self.engine.abort_all()
+                self.engine.abort_all(SHUTDOWN_ABORT_REASON)
                 self.should_exit = True
             elif counter % 10 == 0:
                 logger.info("draining: %d request(s) in flight", self.state.num_inflight)

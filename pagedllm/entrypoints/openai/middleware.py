@@ -2,7 +2,8 @@
 streaming responses and client disconnects alone):
 
     RequestGate      503 while loading or draining; counts in-flight requests for the drain
-    APIKeyAuth       401 unless ``Authorization: Bearer <key>`` on /v1/*, /tokenize, /detokenize
+    APIKeyAuth       401 unless ``Authorization: Bearer <key>`` on every route but /health, /version
+                     (/metrics takes the metrics key where one is set)
     BodySizeLimit    413 for a body over the limit, from Content-Length or while reading
 """
 
@@ -18,8 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedllm.entrypoints.openai.errors import error_body
 
-# Routes that answer while the model loads or the server drains, and never need a key.
+# Routes that answer while the model loads or the server drains.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# Routes that never need a key: load balancers and orchestrators probe them unauthenticated.
+NO_KEY_PATHS = frozenset({"/health", "/version"})
+METRICS_PATH = "/metrics"
 
 
 @dataclass
@@ -76,17 +80,27 @@ class RequestGate:
             self.state.num_inflight -= 1
 
 
-def is_protected(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
-
-
 class APIKeyAuth:
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    """With --api-key everything but the probes needs the key (the OpenAPI schema and docs
+    too: they list the routes); /metrics needs --metrics-api-key where given, else the API key,
+    so Prometheus can scrape with a key of its own. The scheme name is case-insensitive."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics_api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.api_key = api_key.encode() if api_key else None
+        metrics_key = metrics_api_key or api_key
+        self.metrics_api_key = metrics_key.encode() if metrics_key else None
+
+    def _expected(self, path: str) -> bytes | None:
+        if path in NO_KEY_PATHS:
+            return None
+        if path == METRICS_PATH:
+            return self.metrics_api_key
+        return self.api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_protected(scope["path"]):
+        expected = self._expected(scope["path"]) if scope["type"] == "http" else None
+        if expected is None:
             await self.app(scope, receive, send)
             return
         given = b""
@@ -94,8 +108,10 @@ class APIKeyAuth:
             if name == b"authorization":
                 given = value
                 break
+        scheme, _, token = given.strip().partition(b" ")
+        token = token.strip() if scheme.lower() == b"bearer" else b""
         # NOTE: constant-time comparison, so response timing does not leak the key.
-        if not hmac.compare_digest(given, self.expected):
+        if not hmac.compare_digest(token, expected):
             await send_error(
                 send,
                 401,

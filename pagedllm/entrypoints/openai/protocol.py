@@ -1,7 +1,9 @@
 """OpenAI's request and response schemas (the subset pagedllm serves) as pydantic models.
 
-Requests are strict (no "16" for 16, no true for 1) and reject unknown fields, so a typo is a 400
-naming the field instead of a silently ignored option. Beyond OpenAI's fields they take vLLM's
+Requests are strict (no "16" for 16, no true for 1, no NaN or Infinity) and reject unknown fields,
+so a typo is a 400 naming the field instead of a silently ignored option; the few standard OpenAI
+fields that cannot change the output (store, metadata, service_tier, user) are accepted and
+ignored, as vLLM does. Beyond OpenAI's fields they take vLLM's
 sampling extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, ...).
 """
 
@@ -20,7 +22,8 @@ MAX_STOP_STRINGS = 16
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # NOTE: the JSON parser accepts NaN and Infinity literals; no request field may be one.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class ResponseModel(BaseModel):
@@ -58,7 +61,11 @@ class SamplingRequest(RequestModel):
     logit_bias: dict[str, float] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # Standard fields that cannot change the output: accepted and ignored (a warning, once).
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # vLLM's extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -79,25 +86,27 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
 
 
-class TextContentPart(RequestModel):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(RequestModel):
-    # Clients echo back assistant messages with extra null fields (refusal, tool_calls, ...).
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Clients echo back assistant messages with extra null fields (refusal, audio, ...).
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    # Content parts stay plain dicts here: serving_chat.check_messages names a bad part (an
+    # image, say) precisely, where a union of part models would give pydantic's union message.
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # Tool-call fields are declared so that they are refused, not silently dropped.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
 
     def text(self) -> str:
+        """The text (parts must have passed serving_chat.check_messages)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part["text"] for part in self.content)
 
 
 class ResponseFormat(RequestModel):

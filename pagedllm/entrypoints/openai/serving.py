@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -23,7 +24,13 @@ from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 SSE_DONE = "data: [DONE]\n\n"
+# Sequences one API call may fan out into (prompts x n): --max-seqs-per-request.
+DEFAULT_MAX_SEQS_PER_REQUEST = 256
+# OpenAI fields taken and ignored: they do not change the output.
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier")
 
 
 @dataclass
@@ -50,10 +57,24 @@ def sse_error(exc: BaseException) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, tokenizer: AsyncTokenizer, served_model_name: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        tokenizer: AsyncTokenizer,
+        served_model_name: str,
+        max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
+        self.max_seqs_per_request = max_seqs_per_request
+        self._warned_ignored: set[str] = set()
+
+    def warn_ignored_fields(self, req: SamplingRequest) -> None:
+        for name in IGNORED_FIELDS:
+            if getattr(req, name) is not None and name not in self._warned_ignored:
+                self._warned_ignored.add(name)
+                logger.warning("ignoring the request field %r: it does not change the output", name)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -65,10 +86,23 @@ class OpenAIServing:
                 code="model_not_found",
             )
 
+    def check_fan_out(self, num_prompts: int, n: int) -> None:
+        """400 before any work for a call that would become too many sequences: one such call
+        would otherwise fill every seat and queue thousands of sequences ahead of everyone."""
+        if num_prompts * n > self.max_seqs_per_request:
+            raise OpenAIError(
+                f"this request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x "
+                f"n={n}); the server allows at most {self.max_seqs_per_request} per request "
+                "(--max-seqs-per-request): send fewer prompts or a smaller n",
+                param="n" if num_prompts == 1 else "prompt",
+                code="too_many_sequences",
+            )
+
     def base_params(
         self, req: SamplingRequest, max_tokens: int | None, logprobs: int | None
     ) -> SamplingParams:
         """Validate the sampling fields (ValueError -> 400) before any tokenization work."""
+        self.warn_ignored_fields(req)
         n = 1 if req.n is None else req.n
         if not 1 <= n <= MAX_N:
             raise OpenAIError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
@@ -166,7 +200,7 @@ class OpenAIServing:
         ]
         results = await asyncio.gather(
             *(
-                self.engine.add_request(rid, p.engine_prompt(), sp)
+                self.engine.add_request(rid, p.engine_prompt(), sp, group_id=request_id)
                 for rid, p, sp in zip(ids, prompts, params, strict=True)
             ),
             return_exceptions=True,

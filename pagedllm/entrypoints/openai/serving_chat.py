@@ -40,6 +40,61 @@ from pagedllm.entrypoints.openai.serving import (
 )
 from pagedllm.outputs import CompletionOutput
 
+# Content-part types of other modalities -> what to call them in the error.
+NON_TEXT_PARTS = {
+    "image_url": "images",
+    "input_image": "images",
+    "image": "images",
+    "input_audio": "audio",
+    "audio_url": "audio",
+    "video_url": "video",
+    "file": "files",
+    "input_file": "files",
+}
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """400 for what this server cannot honour, rather than dropping it: tool-call turns (until
+    tool calling exists) and content parts that are not text."""
+    if not messages:
+        raise OpenAIError("messages must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        if m.tool_calls or m.function_call is not None:
+            field = "tool_calls" if m.tool_calls else "function_call"
+            raise OpenAIError(
+                "tool calling is not supported by this server, so a conversation with tool "
+                "calls cannot be continued",
+                param=f"{where}.{field}",
+            )
+        if m.role == "tool" or m.tool_call_id is not None:
+            raise OpenAIError(
+                "tool calling is not supported by this server: 'tool' messages (tool_call_id) "
+                "cannot be used",
+                param=f"{where}.role" if m.role == "tool" else f"{where}.tool_call_id",
+            )
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                _check_part(part, f"{where}.content.{j}")
+
+
+def _check_part(part: dict[str, Any], where: str) -> None:
+    kind = part.get("type")
+    if kind in NON_TEXT_PARTS:
+        raise OpenAIError(
+            f"{NON_TEXT_PARTS[kind]} are not supported by this model: it reads text only "
+            f"(content part of type {kind!r})",
+            param=f"{where}.type",
+        )
+    if kind != "text":
+        raise OpenAIError(
+            f"unknown content part type {kind!r}: the accepted one is 'text'", param=f"{where}.type"
+        )
+    if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+        raise OpenAIError(
+            "a text content part is {'type': 'text', 'text': <string>}", param=f"{where}.text"
+        )
+
 
 def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
@@ -59,6 +114,7 @@ class OpenAIServingChat(OpenAIServing):
             req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
         )
         base = self.base_params(req, max_tokens, num_top)
+        self.check_fan_out(1, base.n)
         add_generation_prompt = req.add_generation_prompt is not False
         text, ids = await self.tokenizer.apply_chat_template(
             messages_to_dicts(req.messages), add_generation_prompt
@@ -74,10 +130,12 @@ class OpenAIServingChat(OpenAIServing):
     @staticmethod
     def _check(req: ChatCompletionRequest) -> int | None:
         """Validate chat-only fields; -> the number of top logprobs to ask for (None: none)."""
-        if not req.messages:
-            raise OpenAIError("messages must be a non-empty list", param="messages")
+        check_messages(req.messages)
         if req.tools:
             raise OpenAIError("tool calling is not supported", param="tools")
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(req, name) is not None:
+                raise OpenAIError(f"{name} is only allowed when tools are given", param=name)
         if req.top_logprobs is not None:
             if not req.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")

@@ -49,7 +49,9 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(req.model)
         self._check(req)
         base = self.base_params(req, req.max_tokens, req.logprobs)
-        prompts = await self._prompts(req.prompt)
+        items = self._prompt_items(req.prompt)
+        self.check_fan_out(len(items), base.n)
+        prompts = await self._tokenize(items)
         params = [self.params_for_prompt(base, req.max_tokens, len(p.token_ids)) for p in prompts]
         echo_texts = await self._echo_texts(req, prompts)
         request_id = random_id("cmpl")
@@ -75,9 +77,10 @@ class OpenAIServingCompletion(OpenAIServing):
                 "echo with logprobs is not supported (no prompt logprobs)", param="echo"
             )
 
-    async def _prompts(
-        self, prompt: str | list[str] | list[int] | list[list[int]]
-    ) -> list[PromptInput]:
+    @staticmethod
+    def _prompt_items(
+        prompt: str | list[str] | list[int] | list[list[int]],
+    ) -> list[str | list[int]]:
         items: list[str | list[int]]
         if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
             items = [prompt]  # type: ignore[list-item]
@@ -87,6 +90,9 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("prompt must not be empty", param="prompt")
         if len(items) > MAX_PROMPTS:
             raise OpenAIError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        return items
+
+    async def _tokenize(self, items: list[str | list[int]]) -> list[PromptInput]:
         out = []
         for item in items:
             if isinstance(item, str):

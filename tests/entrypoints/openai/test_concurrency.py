@@ -200,3 +200,41 @@ def test_health_is_fast_while_generating(server, tiny_llama_dir):
     print("health latencies", latencies)
     assert statistics.median(latencies) < 0.1, latencies
     wait_until(lambda: idle(server.url), 5, "the engine to go idle")
+
+
+def test_small_request_is_not_stuck_behind_a_fanned_out_one(server):
+    """One call of 64 prompts x n=4 (256 sequences, every seat of max_num_seqs 256) must not
+    keep a 4-token chat sent after it waiting until all of them finish."""
+    big = {
+        "prompt": [f"story {i}" for i in range(64)],
+        "n": 4,
+        "max_tokens": 150,  # all 256 fit the KV cache: no preemption frees a seat
+        "ignore_eos": True,
+        "temperature": 1.0,
+    }
+    small = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    done: dict[str, float] = {}
+    running_after_small: list[float] = []
+
+    async def go() -> None:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+
+            async def send(name: str, path: str, body: dict) -> None:
+                resp = await client.post(path, json=body)
+                assert resp.status_code == 200, resp.text
+                done[name] = time.monotonic()
+
+            big_task = asyncio.ensure_future(send("big", "/completions", big))
+            while get_metric(server.url, "pagedllm:num_requests_running") < 100:
+                await asyncio.sleep(0.01)
+                assert not big_task.done()
+            await send("small", "/chat/completions", small)
+            # ignore_eos: the big call's sequences all end at the same step, so the small one
+            # was not stuck behind them only if they are still running now.
+            running_after_small.append(get_metric(server.url, "pagedllm:num_requests_running"))
+            await big_task
+
+    asyncio.run(go())
+    assert done["small"] < done["big"]
+    assert running_after_small[0] >= 100
+    wait_until(lambda: idle(server.url), 10, "the server to idle")

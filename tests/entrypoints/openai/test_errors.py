@@ -1,9 +1,10 @@
 """Every malformed request gets its documented 4xx and OpenAI's error JSON (never a 500, never a
-traceback) and the server keeps serving; --api-key guards /v1, /tokenize and /detokenize;
+traceback) and the server keeps serving; --api-key guards every route but /health and /version;
 an engine failure fails in-flight requests and turns /health to 500."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -42,6 +43,12 @@ def cmpl(**fields):
 
 def chat(**fields):
     return ("POST", "/v1/chat/completions", {"model": MODEL, "messages": GOOD_MESSAGES, **fields})
+
+
+def non_finite(path: str, field: str, literal: str) -> tuple[str, str, bytes]:
+    """A request whose ``field`` is a bare JSON literal json.dumps would not write (NaN)."""
+    base = {"prompt": "hi"} if path == "/v1/completions" else {"messages": GOOD_MESSAGES}
+    return ("POST", path, json.dumps(base)[:-1].encode() + f', "{field}": {literal}}}'.encode())
 
 
 # (id, (method, path, JSON body or raw bytes), expected status, expected param or None)
@@ -114,8 +121,78 @@ CASES = [
             ]
         ),
         400,
-        "messages.0.content",
+        "messages.0.content.0.type",
     ),
+    (
+        "chat-audio-content",
+        chat(
+            messages=[
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}
+            ]
+        ),
+        400,
+        "messages.0.content.0.type",
+    ),
+    (
+        "chat-unknown-part",
+        chat(messages=[{"role": "user", "content": [{"type": "hologram"}]}]),
+        400,
+        "messages.0.content.0.type",
+    ),
+    (
+        "chat-text-part-without-text",
+        chat(messages=[{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]),
+        400,
+        "messages.0.content.0.text",
+    ),
+    # Tool-call turns must not be silently dropped while tool calling does not exist.
+    (
+        "chat-assistant-tool-calls",
+        chat(
+            messages=[
+                *GOOD_MESSAGES,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}],
+                },
+            ]
+        ),
+        400,
+        "messages.1.tool_calls",
+    ),
+    (
+        "chat-tool-message",
+        chat(messages=[*GOOD_MESSAGES, {"role": "tool", "tool_call_id": "c1", "content": "4"}]),
+        400,
+        "messages.1.role",
+    ),
+    (
+        "tokenize-tool-message",
+        ("POST", "/tokenize", {"messages": [{"role": "tool", "content": "4"}]}),
+        400,
+        "messages.0.role",
+    ),
+    ("chat-tool-choice-without-tools", chat(tool_choice="auto"), 400, "tool_choice"),
+    ("chat-parallel-tool-calls-without-tools", chat(parallel_tool_calls=True), 400, None),
+    # NaN and Infinity (the JSON parser accepts the literals) and absurd magnitudes.
+    *(
+        (f"{path}-{field}-{literal}", non_finite(path, field, literal), 400, field)
+        for path, field, literal in (
+            ("/v1/completions", "temperature", "NaN"),
+            ("/v1/chat/completions", "temperature", "NaN"),
+            ("/v1/completions", "repetition_penalty", "NaN"),
+            ("/v1/completions", "repetition_penalty", "Infinity"),
+            ("/v1/completions", "top_p", "NaN"),
+            ("/v1/completions", "presence_penalty", "-Infinity"),
+            ("/v1/completions", "min_p", "NaN"),
+            ("/v1/chat/completions", "frequency_penalty", "NaN"),
+        )
+    ),
+    ("tiny-repetition-penalty", cmpl(repetition_penalty=1e-300), 400, "repetition_penalty"),
+    ("huge-repetition-penalty", cmpl(repetition_penalty=1e300), 400, "repetition_penalty"),
+    # One call may not fan out into more sequences than --max-seqs-per-request (256).
+    ("fan-out-prompts-times-n", cmpl(prompt=["hi"] * 32, n=16), 400, "prompt"),
     ("chat-top-logprobs-without-logprobs", chat(top_logprobs=2), 400, "top_logprobs"),
     ("chat-top-logprobs-too-many", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
     ("chat-negative-max-completion-tokens", chat(max_completion_tokens=-3), 400, "max_tokens"),
@@ -245,10 +322,82 @@ def test_api_key_required(keyed_server, method, path, body):
     assert ok.status_code == 200, ok.text
 
 
-def test_api_key_leaves_health_and_metrics_open(keyed_server):
-    assert httpx.get(keyed_server.url + "/health").status_code == 200
-    assert httpx.get(keyed_server.url + "/metrics").status_code == 200
-    assert httpx.get(keyed_server.url + "/version").status_code == 200
+def test_api_key_leaves_only_the_probes_open(keyed_server):
+    url = keyed_server.url
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/version").status_code == 200
+    # The metrics, the OpenAPI schema and the docs pages need the key too.
+    for path in ("/metrics", "/openapi.json", "/docs", "/redoc"):
+        error = assert_openai_error(httpx.get(url + path), 401)
+        assert error["code"] == "invalid_api_key"
+        ok = httpx.get(url + path, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200, (path, ok.text)
+
+
+def test_bearer_scheme_is_case_insensitive(keyed_server):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        resp = httpx.get(
+            keyed_server.url + "/v1/models", headers={"Authorization": f"{scheme} s3cret"}
+        )
+        assert resp.status_code == 200, scheme
+    resp = httpx.get(keyed_server.url + "/v1/models", headers={"Authorization": "Basic s3cret"})
+    assert_openai_error(resp, 401)
+
+
+def test_no_redirect_echoes_the_host_header(server):
+    resp = httpx.post(
+        server.url + "/tokenize/",
+        json={"prompt": "hi"},
+        headers={"Host": "evil.example"},
+        follow_redirects=False,
+    )
+    assert_openai_error(resp, 404)
+    assert "location" not in resp.headers
+
+
+def test_metrics_api_key(tiny_llama_dir):
+    args = [tiny_llama_dir, "--api-key", "k1", "--metrics-api-key", "m1"]
+    with run_server([*args, "--kv-cache-memory", "8000000"]) as srv:
+        metrics = srv.url + "/metrics"
+        assert httpx.get(metrics, headers={"Authorization": "Bearer m1"}).status_code == 200
+        assert_openai_error(httpx.get(metrics, headers={"Authorization": "Bearer k1"}), 401)
+        models = srv.base_url + "/models"
+        assert httpx.get(models, headers={"Authorization": "Bearer k1"}).status_code == 200
+        assert_openai_error(httpx.get(models, headers={"Authorization": "Bearer m1"}), 401)
+
+
+def test_ignored_openai_fields_are_accepted(server):
+    extra = {"store": False, "metadata": {"team": "a"}, "service_tier": "auto", "user": "u1"}
+    for method, path, body in (cmpl(max_tokens=2, **extra), chat(max_tokens=2, **extra)):
+        resp = send(server.url, method, path, body)
+        assert resp.status_code == 200, resp.text
+
+
+def test_prompt_too_long_by_characters_is_refused_before_tokenizing(server):
+    tokenizer = server.app_state.tokenizer
+    limit = tokenizer.max_prompt_chars
+    assert limit < MAX_REQUEST_BYTES - 100, "the case needs a body under the size limit"
+    calls = []
+    real_run = tokenizer._run
+
+    async def counting_run(size, fn):
+        calls.append(size)
+        return await real_run(size, fn)
+
+    tokenizer._run = counting_run
+    try:
+        for method, path, body in (
+            cmpl(prompt="a" * (limit + 1)),
+            chat(messages=[{"role": "user", "content": "a" * (limit + 1)}]),
+            ("POST", "/tokenize", {"prompt": "a" * (limit + 1)}),
+        ):
+            error = assert_openai_error(send(server.url, method, path, body), 400)
+            assert error["code"] == "context_length_exceeded", error
+            assert "characters" in error["message"]
+        assert calls == []
+    finally:
+        del tokenizer._run
+    assert_still_serving(server.url)
 
 
 def test_api_key_with_openai_client(keyed_server):

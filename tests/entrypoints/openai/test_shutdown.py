@@ -88,21 +88,44 @@ def test_model_that_fails_to_load_exits_nonzero(tmp_path):
     assert "does not exist" in "".join(lines)
 
 
-def test_shutdown_timeout_aborts_leftover_stream(tiny_llama_dir):
-    args = [tiny_llama_dir, "--kv-cache-memory", "8000000", "--shutdown-timeout", "0.3"]
+def test_shutdown_timeout_fails_leftover_requests_with_503(tiny_llama_dir):
+    args = [
+        tiny_llama_dir,
+        "--kv-cache-memory",
+        "8000000",
+        "--shutdown-timeout",
+        "0.3",
+        "--max-num-seqs",
+        "1",
+    ]
+    whole = {k: v for k, v in LONG.items() if k not in ("stream", "stream_options")}
+    results = {}
     # ~10 ms a step: the stream far outlasts the 0.3 s shutdown timeout.
     with run_server(args, slow_engine_factory(0.01)) as srv:
         with httpx.stream("POST", srv.base_url + "/completions", json=LONG, timeout=60) as resp:
             events = resp.iter_lines()
             first = next(e for e in events if e.startswith("data: "))
+            # A second request, never scheduled: the only seat is the stream's.
+            queued = threading.Thread(
+                target=lambda: results.update(
+                    queued=httpx.post(srv.base_url + "/completions", json=whole, timeout=60)
+                )
+            )
+            queued.start()
+            wait_until(lambda: srv.engine.stats.num_waiting == 1, 10, "the request to queue")
             srv.server.begin_drain()  # what SIGTERM does (signals reach only the main thread)
             rest = data_events([first, *events])
+        queued.join(timeout=30)
         srv.thread.join(timeout=30)
         assert not srv.thread.is_alive()
+    # The stream ends with an error event, not a 200-looking finish_reason "abort".
     assert rest[-1] == "[DONE]"
-    finish = [json.loads(e)["choices"][0]["finish_reason"] for e in rest[:-2]]
-    assert finish[-1] == "abort"
-    assert json.loads(rest[-2])["usage"]["completion_tokens"] < MAX_TOKENS
+    error = json.loads(rest[-2])["error"]
+    assert error["code"] == "shutting_down" and "shut down" in error["message"]
+    assert all(json.loads(e)["choices"][0]["finish_reason"] != "abort" for e in rest[:-2])
+    resp = results["queued"]
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "shutting_down"
 
 
 def test_503_while_the_model_loads(tiny_llama_dir):
