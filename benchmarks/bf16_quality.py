@@ -21,7 +21,7 @@ import json
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.model_executor.layers import linear
+from pagedllm.model_executor.backends import linear
 from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
 
 CHAT_PROMPTS = [
@@ -70,7 +70,7 @@ def main() -> None:
         **kw,
     )
     if args.quantization:
-        linear.INT8_MAX_ROWS = 1 << 30
+        linear.TorchLinearBackend.int8_max_rows = 1 << 30  # every step on the int8 weights
     tok = ref.get_tokenizer()
 
     kls, top1 = [], []

@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--isa", default=None, help="whose decode kernel: avx2, avx512, amx (default: the best)"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--stream-mib", type=int, default=1024, help="size of the streaming read")
     parser.add_argument("--output-json", default=None)
@@ -63,7 +66,7 @@ def stream_read_gbps(mib: int, repeats: int) -> float:
     return x.numel() * 4 / median_seconds(x.sum, repeats) / 1e9
 
 
-def kernel_gbps(args: argparse.Namespace, layout: str) -> dict[str, float]:
+def kernel_gbps(args: argparse.Namespace, layout: str, ops: Any) -> dict[str, float]:
     import torch
 
     dtype = getattr(torch, args.dtype)
@@ -89,9 +92,7 @@ def kernel_gbps(args: argparse.Namespace, layout: str) -> dict[str, float]:
 
     def step() -> None:
         for k_cache, v_cache in caches:
-            torch.ops.pagedllm.paged_attention_decode(
-                q, k_cache, v_cache, tables, seq_lens, scale, args.context
-            )
+            ops.paged_attention_decode(q, k_cache, v_cache, tables, seq_lens, scale, args.context)
 
     seconds = median_seconds(step, args.repeats)
     kv_bytes = args.layers * args.batch * args.context * hk * d * 2 * caches[0][0].element_size()
@@ -102,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from pagedllm.model_executor.ops import native_ops_available
+    from pagedllm.model_executor.ops import native_ops, runnable_isas
 
     torch.set_num_threads(args.threads)
-    if not native_ops_available():
-        print("error: the native kernels are not built (make setup)", file=sys.stderr)
+    isa = args.isa or (runnable_isas() or ("none",))[0]
+    if native_ops(isa) is None:
+        print(f"error: the {isa} kernels are not built (make setup)", file=sys.stderr)
         return 2
     results: dict[str, Any] = {
         "args": vars(args),
@@ -114,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"{args.batch} sequences x {args.context} tokens, {args.layers} layers, {args.dtype}, "
-        f"{args.threads} threads"
+        f"{args.threads} threads, the {isa} kernel"
     )
     print(
         f"streaming read (torch.sum over {args.stream_mib} MiB): "
         f"{results['stream_read_gbps']:.1f} GB/s"
     )
     for layout in ("scattered", "in order"):
-        r = kernel_gbps(args, layout)
+        r = kernel_gbps(args, layout, native_ops(isa))
         r["fraction_of_stream"] = r["gbps"] / results["stream_read_gbps"]
         results[layout.replace(" ", "_")] = r
         print(

@@ -24,12 +24,12 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
-from pagedllm.model_executor.layers.linear import (  # noqa: E402
+from pagedllm.model_executor.backends.linear import (  # noqa: E402
     AMX_LINEAR_MAX_ROWS,
     PACK_BATCH_HINT,
     pack_amx,
 )
-from pagedllm.model_executor.ops import amx_available  # noqa: E402
+from pagedllm.model_executor.ops import native_ops  # noqa: E402
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in) per layer
 LAYERS = 30
@@ -41,8 +41,9 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 96, 208, 528, 1024, 2048])
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    if not amx_available():
-        print("amx_linear needs a CPU with AMX-BF16 and the native kernels built")
+    ops = native_ops("amx")
+    if ops is None or not ops.amx_supported:
+        print("amx_linear needs a CPU with AMX-BF16 and the amx kernels built")
         return 1
     torch.manual_seed(0)
     weights = [torch.randn(o, i).to(torch.bfloat16) for _ in range(LAYERS) for o, i in SHAPES]
@@ -55,7 +56,7 @@ def main() -> int:
 
     def amx(xs: dict[int, torch.Tensor]) -> None:
         for w in tiles:
-            torch.ops.pagedllm.amx_linear(xs[w.shape[1] * 32], w)
+            ops.amx_linear(xs[w.shape[1] * 32], w)
 
     def dnnl(xs: dict[int, torch.Tensor]) -> None:
         for w, t in zip(onednn, tiles):

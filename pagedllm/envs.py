@@ -20,9 +20,10 @@ def log_level() -> str:
     return os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO")
 
 
-def disable_native_ops() -> bool:
-    """Force the pure-torch kernels (for comparisons and debugging)."""
-    return os.environ.get("PAGEDLLM_DISABLE_NATIVE_OPS", "0") not in ("", "0", "false")
+def cpu_isa() -> str:
+    """Which CPU kernels to run: ``auto`` (the best this CPU runs and set-up built), ``amx``,
+    ``avx512``, ``avx2``, or ``torch`` (no native kernels: comparisons and debugging)."""
+    return os.environ.get("PAGEDLLM_CPU_ISA", "auto").strip().lower() or "auto"
 
 
 def api_key() -> str | None:

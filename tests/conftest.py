@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.utils import make_tiny_model_dir  # noqa: E402
+from tests.utils import make_tiny_model_dir, native_isa_names  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,11 @@ def smol_hf(default_gguf):
 
     d, f = os.path.split(default_gguf)
     return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+
+
+@pytest.fixture(params=native_isa_names())
+def ops(request):
+    """One ISA's kernels (NativeOps); kernel tests run once per ISA this machine executes."""
+    from pagedllm.model_executor.ops import native_ops
+
+    return native_ops(request.param)

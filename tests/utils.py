@@ -109,3 +109,27 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def backend_names() -> list[str]:
+    """Every backend this machine runs (best ISA first, torch last): tests that take a backend
+    run once per name, so each ISA's kernels are tested wherever the CPU can execute them."""
+    from pagedllm.model_executor.backends import available_backends
+
+    return [b.name for b in available_backends()]
+
+
+def get_backend(name: str, dtype: torch.dtype = torch.float32, head_dim: int = 64):
+    from pagedllm.model_executor.backends import TORCH_BACKEND
+    from pagedllm.model_executor.backends.selector import native_backend
+
+    if name == "torch":
+        return TORCH_BACKEND
+    backend = native_backend(name, dtype, head_dim)
+    assert backend is not None, f"the {name} kernels are not built"
+    return backend
+
+
+def native_isa_names() -> list[str]:
+    """The native ISAs this machine builds and runs (avx2 on any x86-64-v3 CPU)."""
+    return [name for name in backend_names() if name != "torch"]

@@ -39,8 +39,6 @@ from pagedllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict | list[int]
-# Query rows of one (sequence, kv head) in the multi-query kernel (paged_attention_multi.cpp).
-MAX_VERIFY_ROWS = 64
 
 
 class LLMEngine:
@@ -65,7 +63,12 @@ class LLMEngine:
             eos_token_ids=_eos_token_ids(hf_config, self.tokenizer),
         )
         self.runner = ModelRunner(
-            arch, args.dtype, self.device, args.kv_cache_dtype, args.quantization
+            arch,
+            args.dtype,
+            self.device,
+            args.kv_cache_dtype,
+            args.quantization,
+            block_size=args.block_size,
         )
         self.runner.load_weights(iter_weights(source))
         num_blocks = self._num_kv_blocks(args)
@@ -107,10 +110,12 @@ class LLMEngine:
             rows = (self.speculative_config.num_speculative_tokens + 1) * (
                 arch.num_heads // arch.num_kv_heads
             )
-            if rows > MAX_VERIFY_ROWS:
+            limit = self.runner.backend.attention.max_verify_rows
+            if limit is not None and rows > limit:
                 raise ValueError(
                     f"speculative_config: (num_speculative_tokens + 1) x query heads per kv "
-                    f"head is {rows}, more than {MAX_VERIFY_ROWS}: lower num_speculative_tokens"
+                    f"head is {rows}, more than the {self.runner.backend.name} verify kernel "
+                    f"takes ({limit}): lower num_speculative_tokens"
                 )
             proposer = NgramProposer(self.speculative_config)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, proposer)

@@ -7,8 +7,8 @@ All scheduled tokens of the step form one varlen batch:
     slot_mapping  block_table[pos // block_size] * block_size + pos % block_size
 
 A decode with draft tokens (speculative decoding) brings them after its newest token; it stays
-with the decodes when the native multi-query kernel can take it (else it runs as a prefill
-chunk), and its logits are computed at every one of its positions.
+with the decodes when the attention backend's verify kernel can take it (else it runs as a
+prefill chunk), and its logits are computed at every one of its positions.
 
 With ``pad`` the token rows (and the rows whose logits are computed) are rounded up to a bucket
 (``padded_rows``): oneDNN builds a new GEMM kernel for every new row count, ~8 ms on each bf16
@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedllm.model_executor.layers.attention import (
+from pagedllm.model_executor.backends.attention_metadata import (
     AttentionMetadata,
     DecodeMetadata,
     PrefillSeq,
-    use_native_decode,
-    use_native_multi_query,
 )
+from pagedllm.model_executor.backends.torch_attention import TorchAttentionBackend
 from pagedllm.scheduler_output import ScheduledRequest
 
 
@@ -65,13 +64,13 @@ def padded_rows(n: int) -> int:
 def build_inputs(
     scheduled: list[ScheduledRequest],
     block_size: int,
-    head_dim: int,
+    attention: TorchAttentionBackend,
     device: torch.device,
     int8_cache: bool = False,
     pad: bool = False,
 ) -> ModelInputs:
-    native = use_native_decode(device, head_dim, block_size, int8_cache)
-    multi = native and use_native_multi_query(block_size, int8_cache)
+    in_place = attention.reads_cache_in_place
+    multi = attention.can_verify(block_size, int8_cache)
 
     def is_prefill(s: ScheduledRequest) -> bool:
         return s.num_tokens - (len(s.spec_token_ids) if multi else 0) > 1
@@ -106,7 +105,7 @@ def build_inputs(
             cu[: num_decodes + 1],
             block_size,
             to,
-            native,
+            in_place,
         )
     prefills = [
         _prefill_seq(
@@ -146,10 +145,10 @@ def build_inputs(
     )
 
 
-def _decode_meta(table, seq_lens, query_start, block_size, to, native: bool) -> DecodeMetadata:
+def _decode_meta(table, seq_lens, query_start, block_size, to, in_place: bool) -> DecodeMetadata:
     nb = int(-(-seq_lens.max() // block_size))
     mask = None
-    if not native:
+    if not in_place:  # the backend gathers the blocks: mask the keys past each length
         keys = np.arange(nb * block_size)[None, :] < seq_lens[:, None]
         mask = to(keys[:, None, None, :])
     max_query_len = int(np.diff(query_start).max())

@@ -9,6 +9,7 @@ import logging
 import torch
 
 from pagedllm.config import KV_CACHE_DTYPES
+from pagedllm.model_executor.backends import Backend, select_backend
 from pagedllm.model_executor.hugepages import zeros_hugepage
 from pagedllm.model_executor.input_batch import ModelInputs, build_inputs
 from pagedllm.model_executor.layers.linear import (
@@ -35,7 +36,11 @@ class ModelRunner:
         device: torch.device,
         kv_cache_dtype: str = "auto",
         quantization: str | None = None,
+        block_size: int = 16,
+        backend: Backend | None = None,
     ) -> None:
+        """``backend``: the kernels to run on; by default the selector's choice for this
+        device, dtype and CPU (PAGEDLLM_CPU_ISA), made here once."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
@@ -52,8 +57,12 @@ class ModelRunner:
         self.device = device
         if device.type == "cpu":
             tune_glibc_malloc()
+        self.backend = select_backend(
+            device, self.dtype, arch.head_dim, block_size, self.kv_int8, backend=backend
+        )
         self.model = get_model_class(arch)(arch)
-        self.sampler = Sampler()
+        self.backend.bind(self.model)
+        self.sampler = Sampler(self.backend.kernels)
         self.generators: dict[str, torch.Generator] = {}
         self.block_size: int | None = None
         self.pad_rows = False  # set by load_weights
@@ -131,7 +140,7 @@ class ModelRunner:
         inputs = build_inputs(
             scheduler_output.scheduled,
             self.block_size,
-            self.arch.head_dim,
+            self.backend.attention,
             self.device,
             int8_cache=self.kv_int8,
             pad=self.pad_rows,

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedllm.model_executor.ops import use_native
+from pagedllm.model_executor.backends.base import TORCH_BACKEND
+from pagedllm.model_executor.backends.kernels import TorchKernels
 
 
 @dataclass
@@ -50,6 +51,9 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self, kernels: TorchKernels = TORCH_BACKEND.kernels) -> None:
+        self.kernels = kernels  # the backend's row argmax
+
     def __call__(
         self,
         logits: torch.Tensor,
@@ -59,7 +63,7 @@ class Sampler:
         if batch.all_greedy and batch.max_num_logprobs is None:
             if not batch.banned and batch.penalties is None:
                 # Plain greedy: argmax of the raw (bf16) logits, no fp32 copy of [B, V].
-                return SamplerOutput(token_ids=greedy_argmax(logits, exact_logits))
+                return SamplerOutput(token_ids=greedy_argmax(logits, exact_logits, self.kernels))
         raw = logits
         logits = logits.float()
         raw_logprobs = None
@@ -86,8 +90,8 @@ class Sampler:
                 out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
         return out
 
-    @staticmethod
     def _greedy(
+        self,
         raw: torch.Tensor,
         processed: torch.Tensor,
         batch: SamplingBatch,
@@ -97,7 +101,7 @@ class Sampler:
         with no ban or penalty of its own is decided on its raw logits with the fp32 tie-break,
         exactly as in an all-greedy batch; only rows with their own bans or penalties use the
         processed logits."""
-        greedy = greedy_argmax(processed)
+        greedy = greedy_argmax(processed, kernels=self.kernels)
         if exact_logits is None or raw.dtype == torch.float32:
             return greedy
         greedy_rows = batch.temperature == 0.0
@@ -109,7 +113,7 @@ class Sampler:
             own |= (p.presence != 0) | (p.frequency != 0) | (p.repetition != 1)
         if not bool((greedy_rows & ~own).any()):
             return greedy
-        return torch.where(own, greedy, greedy_argmax(raw, exact_logits))
+        return torch.where(own, greedy, greedy_argmax(raw, exact_logits, self.kernels))
 
     def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)
@@ -137,7 +141,11 @@ class Sampler:
         return ids.clamp_(max=probs.shape[1] - 1)
 
 
-def greedy_argmax(logits: torch.Tensor, exact_logits: ExactLogits | None = None) -> torch.Tensor:
+def greedy_argmax(
+    logits: torch.Tensor,
+    exact_logits: ExactLogits | None = None,
+    kernels: TorchKernels = TORCH_BACKEND.kernels,
+) -> torch.Tensor:
     """Row-wise argmax, ties to the lowest index (as torch.argmax).
 
     With ``exact_logits`` and bf16/fp16 logits, a row whose best and runner-up values lie within
@@ -146,17 +154,9 @@ def greedy_argmax(logits: torch.Tensor, exact_logits: ExactLogits | None = None)
     candidates that fp32 tells apart, and did so for this model's answer to "What is the capital
     of France?". Such rows are rare; the check rides on the argmax's single pass.
     """
-    native = use_native(logits) and logits.stride(-1) == 1
     if exact_logits is None or logits.dtype == torch.float32 or logits.shape[-1] < 2:
-        if native:
-            return torch.ops.pagedllm.argmax_rows(logits)
-        return logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
-    if native:
-        ids, gaps = torch.ops.pagedllm.argmax_gap_rows(logits)
-    else:
-        ids = logits.max(dim=-1).indices
-        top2 = logits.topk(2, dim=-1).values.float()
-        gaps = top2[:, 0] - top2[:, 1]
+        return kernels.argmax_rows(logits)
+    ids, gaps = kernels.argmax_gap_rows(logits)
     best = logits.gather(1, ids.unsqueeze(1)).squeeze(1).float()
     step = rounding_step(best, logits.dtype)
     for row in torch.nonzero(gaps <= step).flatten().tolist():

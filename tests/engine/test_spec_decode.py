@@ -8,7 +8,7 @@ import pytest
 
 from pagedllm.sampling_params import SamplingParams
 from tests.engine.test_llm_engine import make_engine, prompts, run_all
-from tests.utils import assert_no_leak
+from tests.utils import assert_no_leak, backend_names
 
 NGRAM = {"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
@@ -64,7 +64,9 @@ def greedy(max_tokens=40, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
 
-def test_ngram_drafts_keep_greedy_outputs_exact(tiny_llama_dir):
+@pytest.mark.parametrize("isa", backend_names())
+def test_ngram_drafts_keep_greedy_outputs_exact(tiny_llama_dir, isa, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CPU_ISA", isa)  # each backend's verify path
     requests = {str(i): (p, greedy()) for i, p in enumerate(looping_prompts(6))}
     engine, _, spec = compare(tiny_llama_dir, requests)
     stats = engine.get_stats()
@@ -84,11 +86,9 @@ def test_accepted_drafts_save_steps(tiny_llama_dir):
     assert all(len(o.token_ids) == 40 for o in spec.values())
 
 
-def test_torch_fallback_path_is_exact(tiny_llama_dir, monkeypatch):
-    from pagedllm.model_executor import input_batch
-
-    # Without the multi-query kernel a decode with drafts runs as a prefill chunk.
-    monkeypatch.setattr(input_batch, "use_native_multi_query", lambda *a: False)
+def test_torch_backend_is_exact(tiny_llama_dir, monkeypatch):
+    # Without a verify kernel a decode with drafts runs as a prefill chunk.
+    monkeypatch.setenv("PAGEDLLM_CPU_ISA", "torch")
     requests = {str(i): (p, greedy(24)) for i, p in enumerate(looping_prompts(4))}
     engine, _, _ = compare(tiny_llama_dir, requests, oracle=True)
     assert engine.get_stats().spec_num_accepted_tokens > 20
@@ -162,9 +162,17 @@ def test_draft_lengths(tiny_llama_dir, k):
     assert_no_leak(engine)
 
 
-def test_too_many_draft_rows_for_the_kernel_is_a_clear_error(tiny_llama_dir):
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
+def test_too_many_draft_rows_for_the_kernel_is_a_clear_error(tiny_llama_dir, ops, monkeypatch):
+    # The limit is the native verify kernel's (the backend declares it; the engine asks).
+    monkeypatch.setenv("PAGEDLLM_CPU_ISA", ops.isa)
+    with pytest.raises(ValueError, match=f"num_speculative_tokens.*{ops.isa} verify kernel"):
         make_engine(tiny_llama_dir, speculative_config={"num_speculative_tokens": 40})
+
+
+def test_torch_backend_takes_any_number_of_drafts(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("PAGEDLLM_CPU_ISA", "torch")  # drafts verified as prefill chunks
+    engine = make_engine(tiny_llama_dir, speculative_config={"num_speculative_tokens": 40})
+    assert engine.runner.backend.attention.max_verify_rows is None
 
 
 def test_on_by_default_and_off_with_none(tiny_llama_dir):

@@ -1,23 +1,24 @@
-"""The native AMX linear kernel (ops/csrc/amx_linear.cpp) == x . W^T to bf16 output rounding,
+"""The AMX linear kernel (ops/csrc/x86/amx/amx_linear.cpp) == x . W^T to bf16 output rounding,
 for any row count (partial 16-row tiles included) and rows taken from a wider matrix; a bf16
-Linear uses it for steps of at most AMX_LINEAR_MAX_ROWS rows and oneDNN above. Where the CPU has
-no AMX the engine keeps oneDNN for every step, and these tests do not apply."""
+Linear on the amx backend uses it for steps of at most AMX_LINEAR_MAX_ROWS rows and oneDNN above.
+The kernel runs only where the CPU has AMX (the ``amx_ops`` cases); every backend's bf16 Linear
+is checked wherever it runs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pagedllm.model_executor.layers import linear
-from pagedllm.model_executor.layers.linear import (
-    AMX_LINEAR_MAX_ROWS,
-    Linear,
-    pack_amx,
-    pack_linear_weights,
-)
-from pagedllm.model_executor.ops import amx_available
+from pagedllm.model_executor.backends.linear import AMX_LINEAR_MAX_ROWS, pack_amx
+from pagedllm.model_executor.layers.linear import Linear, pack_linear_weights
+from pagedllm.model_executor.ops import native_ops
+from tests.utils import backend_names, get_backend, native_isa_names
 
-pytestmark = pytest.mark.skipif(not amx_available(), reason="needs AMX-BF16 and the native kernels")
+
+@pytest.fixture(params=[isa for isa in native_isa_names() if isa == "amx"])
+def amx_ops(request):
+    """The amx ISA's kernels: only on a CPU with AMX (elsewhere no case runs)."""
+    return native_ops(request.param)
 
 
 def assert_bf16_rounding_of(got: torch.Tensor, exact: torch.Tensor) -> None:
@@ -29,12 +30,12 @@ def assert_bf16_rounding_of(got: torch.Tensor, exact: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("n,k", [(32, 64), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 31, 32, 33, 100, 256])
-def test_amx_linear_matches_exact_product(n, k, rows):
+def test_amx_linear_matches_exact_product(amx_ops, n, k, rows):
     torch.manual_seed(rows)
     w = torch.randn(n, k).to(torch.bfloat16)
     wide = torch.randn(rows, k + 96).to(torch.bfloat16)
     x = wide[:, 32 : 32 + k]  # rows with a stride, as views of a fused projection have
-    got = torch.ops.pagedllm.amx_linear(x, pack_amx(w))
+    got = amx_ops.amx_linear(x, pack_amx(w))
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     assert_bf16_rounding_of(got, x.double() @ w.double().t())
 
@@ -46,19 +47,20 @@ def test_pack_amx_layout():
         assert wp[nb, kc, r, c, e] == w[16 * nb + c, 32 * kc + 2 * r + e]
 
 
-def test_amx_linear_rejects_bad_input():
+def test_amx_linear_rejects_bad_input(amx_ops):
     w = pack_amx(torch.randn(64, 64).to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="columns"):
-        torch.ops.pagedllm.amx_linear(torch.randn(4, 32).to(torch.bfloat16), w)
+        amx_ops._ops.amx_linear(torch.randn(4, 32).to(torch.bfloat16), w)
     with pytest.raises(RuntimeError, match="bf16"):
-        torch.ops.pagedllm.amx_linear(torch.randn(4, 64), w)
+        amx_ops._ops.amx_linear(torch.randn(4, 64), w)
     with pytest.raises(RuntimeError, match="packed"):
-        torch.ops.pagedllm.amx_linear(torch.randn(4, 64).to(torch.bfloat16), w.float())
+        amx_ops._ops.amx_linear(torch.randn(4, 64).to(torch.bfloat16), w.float())
 
 
-def test_linear_uses_the_kernel_for_small_steps_only(monkeypatch):
+def test_linear_uses_the_kernel_for_small_steps_only(amx_ops, monkeypatch):
     torch.manual_seed(0)
     layer = Linear(576, 960, bias=False).to(torch.bfloat16)
+    get_backend("amx", torch.bfloat16).bind(layer)
     exact_weight = layer.weight.detach().double()
     pack_linear_weights(layer)
     assert layer.amx_weight is not None and layer.packed_weight is not None
@@ -68,8 +70,9 @@ def test_linear_uses_the_kernel_for_small_steps_only(monkeypatch):
         calls.append(x.shape[0])
         return linear_kernel(x, w)
 
-    linear_kernel = linear.amx_linear
-    monkeypatch.setattr(linear, "amx_linear", counted)
+    ops = layer.linear_backend.ops
+    linear_kernel = ops.amx_linear
+    monkeypatch.setattr(ops, "amx_linear", counted)
     with torch.inference_mode():
         for rows in [1, AMX_LINEAR_MAX_ROWS, AMX_LINEAR_MAX_ROWS + 1]:
             calls.clear()
@@ -79,10 +82,12 @@ def test_linear_uses_the_kernel_for_small_steps_only(monkeypatch):
             assert_bf16_rounding_of(got, x.to(torch.bfloat16).double() @ exact_weight.t())
 
 
+@pytest.mark.parametrize("backend", backend_names())
 @pytest.mark.parametrize("out_features,bias", [(48, False), (64, True)])
-def test_no_kernel_for_shapes_it_cannot_take(out_features, bias):
-    """48 outputs are not a multiple of 32; the kernel adds no bias."""
+def test_no_kernel_for_shapes_it_cannot_take(backend, out_features, bias):
+    """48 outputs are not a multiple of 32; the kernel adds no bias: oneDNN serves them."""
     layer = Linear(64, out_features, bias=bias).to(torch.bfloat16)
+    get_backend(backend, torch.bfloat16).bind(layer)
     weight = layer.weight.detach().double()
     bias = 0 if layer.bias is None else layer.bias.detach().double()
     pack_linear_weights(layer)

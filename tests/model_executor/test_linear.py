@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model_executor.layers import linear
-from pagedllm.model_executor.layers.linear import INT8_MAX_ROWS, Linear, pack_linear_weights
+from pagedllm.model_executor.backends.linear import INT8_MAX_ROWS
+from pagedllm.model_executor.layers.linear import Linear, pack_linear_weights
+from tests.utils import backend_names, get_backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("native", [True, False])
-def test_int8_weights_serve_small_steps_only(dtype, native, monkeypatch):
-    if not native:
-        monkeypatch.setattr(linear, "use_native", lambda *a: False)
+@pytest.mark.parametrize("backend", backend_names())
+def test_int8_weights_serve_small_steps_only(dtype, backend):
     torch.manual_seed(0)
     layer = Linear(64, 40, bias=True)
+    get_backend(backend, dtype).bind(layer)
     layer.weight.data = (torch.randn(40, 64) * 0.1).to(dtype)
     layer.bias.data = torch.randn(40).to(dtype)
     full_weight = layer.weight.detach().clone()

@@ -16,7 +16,7 @@ from pagedllm.model_executor.model_runner import ModelRunner
 from pagedllm.model_executor.models.hf_config import arch_config_from_hf
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken
-from tests.utils import load_hf_model, make_tiny_model_dir
+from tests.utils import backend_names, get_backend, load_hf_model, make_tiny_model_dir
 
 ARCH_VARIANTS = {
     "llama": ("llama", {}),
@@ -45,52 +45,52 @@ def model_dir(request, tmp_path_factory):
 
 
 def _runner(
-    model_dir: str, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto"
+    model_dir: str, num_blocks: int, block_size: int, kv_cache_dtype: str, backend: str
 ) -> ModelRunner:
     source = resolve_model(model_dir)
     arch = arch_config_from_hf(load_hf_config(source))
-    runner = ModelRunner(arch, "float32", torch.device("cpu"), kv_cache_dtype)
+    runner = ModelRunner(
+        arch,
+        "float32",
+        torch.device("cpu"),
+        kv_cache_dtype,
+        block_size=block_size,
+        backend=get_backend(backend, torch.float32, arch.head_dim),
+    )
     runner.load_weights(iter_weights(source))
     runner.allocate_kv_cache(num_blocks, block_size)
     return runner
 
 
-@pytest.fixture(params=["native", "torch"])
-def attention_impl(request, monkeypatch):
-    """Run each parity case with the native kernels and with the pure-torch fallbacks."""
-    if request.param == "torch":
-        monkeypatch.setattr(
-            "pagedllm.model_executor.input_batch.use_native_decode", lambda *a: False
-        )
-        for module in ("layernorm", "rotary_embedding", "activation", "attention"):
-            monkeypatch.setattr(
-                f"pagedllm.model_executor.layers.{module}.use_native", lambda *a: False
-            )
+@pytest.fixture(params=backend_names())
+def backend(request):
+    """Each parity case runs on every backend this machine can execute (each ISA's kernels,
+    and the pure-torch one)."""
     return request.param
 
 
 @pytest.mark.parametrize(
     "block_size,max_batched", [(1, 4096), (16, 4096), (5, 24)], ids=["bs1", "bs16", "bs5-chunked"]
 )
-def test_logits_match_transformers(model_dir, block_size, max_batched, attention_impl):
-    _check_parity(model_dir, block_size, max_batched, "auto")
+def test_logits_match_transformers(model_dir, block_size, max_batched, backend):
+    _check_parity(model_dir, block_size, max_batched, "auto", backend)
 
 
 @pytest.mark.parametrize(
     "block_size,max_batched", [(16, 4096), (5, 24)], ids=["bs16", "bs5-chunked"]
 )
-def test_int8_kv_cache_logits_stay_close(model_dir, block_size, max_batched, attention_impl):
+def test_int8_kv_cache_logits_stay_close(model_dir, block_size, max_batched, backend):
     """--kv-cache-dtype int8: logits within int8 rounding of transformers' fp32 ones, and the
     same greedy tokens."""
-    _check_parity(model_dir, block_size, max_batched, "int8")
+    _check_parity(model_dir, block_size, max_batched, "int8", backend)
 
 
-def _check_parity(model_dir, block_size, max_batched, kv_cache_dtype):
+def _check_parity(model_dir, block_size, max_batched, kv_cache_dtype, backend):
     torch.manual_seed(1)
     hf = load_hf_model(model_dir)
     prompt_lens = [3, 17, 40, 1]
     num_decode_steps = 6
-    runner = _runner(model_dir, 4096 // block_size, block_size, kv_cache_dtype)
+    runner = _runner(model_dir, 4096 // block_size, block_size, kv_cache_dtype, backend)
     kv = KVCacheManager(4096 // block_size, block_size, enable_caching=True)
     sched = Scheduler(SchedulerConfig(8, max_batched, 512), kv)
     requests = []

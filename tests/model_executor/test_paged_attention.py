@@ -1,5 +1,5 @@
-"""The native decode kernel == the torch fallback (gather + SDPA) == plain attention, with
-random block tables, GQA, fp32 and bf16."""
+"""Each ISA's decode kernel == the torch backend (gather + SDPA) == plain attention, with
+random block tables, GQA, fp32 and bf16 (the ``ops`` fixture: once per ISA this CPU runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model_executor.ops import native_ops_available
+from pagedllm.model_executor.backends import TORCH_BACKEND
+from pagedllm.model_executor.backends.cpu_attention import NativeAttentionBackend
+from pagedllm.model_executor.backends.torch_attention import int8_views
 
 
 def _reference(q, kc, vc, tables, lens, scale):
@@ -37,44 +39,39 @@ def _decode_case(dtype, head_dim, heads, kv_heads, block_size):
     return q, kc, vc, tables, lens, head_dim**-0.5
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(
     "head_dim,heads,kv_heads,block_size",
     [(64, 9, 3, 16), (16, 4, 2, 1), (128, 8, 8, 5), (64, 8, 2, 32)],
 )
-def test_native_decode_matches_reference(dtype, tol, head_dim, heads, kv_heads, block_size):
+def test_native_decode_matches_reference(ops, dtype, tol, head_dim, heads, kv_heads, block_size):
     q, kc, vc, tables, lens, scale = _decode_case(dtype, head_dim, heads, kv_heads, block_size)
     k_layout = kc.permute(0, 2, 3, 1).contiguous()  # [NB, Hkv, D, BS]
     v_layout = vc.permute(0, 2, 1, 3).contiguous()  # [NB, Hkv, BS, D]
-    got = torch.ops.pagedllm.paged_attention_decode(
-        q, k_layout, v_layout, tables, lens, scale, int(lens.max())
-    )
+    got = ops.paged_attention_decode(q, k_layout, v_layout, tables, lens, scale, int(lens.max()))
     ref = _reference(q, kc, vc, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
 
 
-def _int8_cache(kc, vc, block_size, native_write):
-    """Quantize natural-layout caches ([NB, BS, Hkv, D]) into int8 records through write_kv."""
-    from pagedllm.model_executor.layers import attention
+def _attention(ops):
+    """The attention backend on ``ops``' kernels, or the torch one for ``ops=None``."""
+    if ops is None:
+        return TORCH_BACKEND.attention
+    return NativeAttentionBackend(ops, torch.float32, 64)
 
+
+def _int8_cache(kc, vc, ops):
+    """Quantize natural-layout caches ([NB, BS, Hkv, D]) into int8 records through write_kv."""
     nb, bs, h, d = kc.shape
     k8 = torch.zeros(nb, h, bs * (d + 4), dtype=torch.int8)
     v8 = torch.zeros_like(k8)
     slots = torch.arange(nb * bs)
-    if native_write:
-        attention.write_kv(k8, v8, kc.flatten(0, 1), vc.flatten(0, 1), slots)
-    else:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(attention, "use_native", lambda *a: False)
-            attention.write_kv(k8, v8, kc.flatten(0, 1), vc.flatten(0, 1), slots)
+    _attention(ops).write_kv(k8, v8, kc.flatten(0, 1), vc.flatten(0, 1), slots)
     return k8, v8
 
 
 def _dequantized(k8, v8, head_dim):
     """int8 records -> natural-layout fp32 caches [NB, BS, Hkv, D]."""
-    from pagedllm.model_executor.layers.attention import int8_views
-
     kv, ks = int8_views(k8, head_dim, transposed=True)
     vv, vs = int8_views(v8, head_dim, transposed=False)
     k = (kv.float() * ks[:, :, None, :]).permute(0, 3, 1, 2)
@@ -82,15 +79,14 @@ def _dequantized(k8, v8, head_dim):
     return k, v
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_cache_write_native_equals_torch(dtype):
+def test_int8_cache_write_native_equals_torch(ops, dtype):
     torch.manual_seed(0)
     kc = (torch.randn(6, 16, 3, 64) * torch.rand(6, 16, 3, 1) * 4).to(dtype)
     kc[0, 0, 0] = 0  # an all-zero head: scale 0, values 0
     vc = torch.randn_like(kc)
-    native = _int8_cache(kc, vc, 16, native_write=True)
-    fallback = _int8_cache(kc, vc, 16, native_write=False)
+    native = _int8_cache(kc, vc, ops)
+    fallback = _int8_cache(kc, vc, None)
     assert torch.equal(native[0], fallback[0]) and torch.equal(native[1], fallback[1])
     k, v = _dequantized(*native, 64)
     # symmetric int8 per (token, head): error at most half a step of max|x| / 127
@@ -100,20 +96,19 @@ def test_int8_cache_write_native_equals_torch(dtype):
     torch.testing.assert_close(v, vc.float(), atol=0.02, rtol=0.02)
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(
     "head_dim,heads,kv_heads,block_size",
     [(64, 9, 3, 16), (32, 4, 4, 32), (64, 10, 2, 16), (128, 8, 1, 16)],
 )
 def test_native_int8_decode_matches_dequantized_reference(
-    dtype, tol, head_dim, heads, kv_heads, block_size
+    ops, dtype, tol, head_dim, heads, kv_heads, block_size
 ):
     """The kernel on int8 records == exact attention over the dequantized K/V (GQA groups of
     3, 1, 5 (runtime group size) and 8)."""
     q, kc, vc, tables, lens, scale = _decode_case(dtype, head_dim, heads, kv_heads, block_size)
-    k8, v8 = _int8_cache(kc, vc, block_size, native_write=True)
-    got = torch.ops.pagedllm.paged_attention_decode(q, k8, v8, tables, lens, scale, int(lens.max()))
+    k8, v8 = _int8_cache(kc, vc, ops)
+    got = ops.paged_attention_decode(q, k8, v8, tables, lens, scale, int(lens.max()))
     kd, vd = _dequantized(k8, v8, head_dim)
     ref = _reference(q, kd, vd, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
@@ -122,37 +117,29 @@ def test_native_int8_decode_matches_dequantized_reference(
     assert (got.float() - exact).abs().max() < 0.05
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize(
     "head_dim,heads,kv_heads,block_size",
     [(64, 9, 3, 16), (16, 4, 2, 1), (64, 10, 2, 32), (128, 8, 8, 5)],
 )
-def test_bf16_cache_under_fp32(head_dim, heads, kv_heads, block_size):
+def test_bf16_cache_under_fp32(ops, head_dim, heads, kv_heads, block_size):
     """--kv-cache-dtype bfloat16 with an fp32 model: fp32 K/V written into a bf16 cache (native
     == torch's rounding, bit for bit), then fp32 q against it == exact fp32 attention over the
     rounded K/V, with an fp32 output."""
-    from pagedllm.model_executor.layers import attention
-
     q, kc, vc, tables, lens, scale = _decode_case(
         torch.float32, head_dim, heads, kv_heads, block_size
     )
     nb = kc.shape[0]
     slots = torch.arange(nb * block_size)
     caches = []
-    for native in (True, False):
+    for writer in (ops, None):
         k16 = torch.zeros(nb, kv_heads, head_dim, block_size, dtype=torch.bfloat16)
         v16 = torch.zeros(nb, kv_heads, block_size, head_dim, dtype=torch.bfloat16)
-        with pytest.MonkeyPatch.context() as mp:
-            if not native:
-                mp.setattr(attention, "use_native", lambda *a: False)
-            attention.write_kv(k16, v16, kc.flatten(0, 1), vc.flatten(0, 1), slots)
+        _attention(writer).write_kv(k16, v16, kc.flatten(0, 1), vc.flatten(0, 1), slots)
         caches.append((k16, v16))
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
     k16, v16 = caches[0]
     assert torch.equal(k16, kc.to(torch.bfloat16).permute(0, 2, 3, 1))
-    got = torch.ops.pagedllm.paged_attention_decode(
-        q, k16, v16, tables, lens, scale, int(lens.max())
-    )
+    got = ops.paged_attention_decode(q, k16, v16, tables, lens, scale, int(lens.max()))
     assert got.dtype == torch.float32
     ref = _reference(q, kc.to(torch.bfloat16), vc.to(torch.bfloat16), tables, lens, scale)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -161,10 +148,9 @@ def test_bf16_cache_under_fp32(head_dim, heads, kv_heads, block_size):
     assert (got - exact).abs().max() < 0.02
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
-def test_fp16_q_with_bf16_cache_is_refused():
+def test_fp16_q_with_bf16_cache_is_refused(ops):
     q, kc, vc, tables, lens, scale = _decode_case(torch.float16, 64, 4, 2, 16)
     k16 = kc.to(torch.bfloat16).permute(0, 2, 3, 1).contiguous()
     v16 = vc.to(torch.bfloat16).permute(0, 2, 1, 3).contiguous()
     with pytest.raises(RuntimeError, match="bf16 under fp32"):
-        torch.ops.pagedllm.paged_attention_decode(q, k16, v16, tables, lens, scale, 100)
+        ops.paged_attention_decode(q, k16, v16, tables, lens, scale, 100)

@@ -1,4 +1,4 @@
-"""The native multi-query kernel (speculative verification: a few query tokens per sequence on
+"""Each ISA's multi-query kernel (speculative verification: a few query tokens per sequence on
 top of its cached context) == causal attention computed with plain torch."""
 
 from __future__ import annotations
@@ -6,12 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pagedllm.model_executor.ops import native_ops_available
-
-pytestmark = pytest.mark.skipif(
-    not native_ops_available(), reason="native kernels not built (make setup)"
-)
 
 
 def _case(q_dtype, cache_dtype, head_dim, heads, kv_heads, block_size, q_lens, seq_lens):
@@ -45,11 +39,11 @@ def _reference(q, kc, vc, tables, seq_lens, starts, scale):
     return out
 
 
-def _run(q, kc, vc, tables, seq_lens, starts, scale):
+def _run(ops, q, kc, vc, tables, seq_lens, starts, scale):
     k_layout = kc.permute(0, 2, 3, 1).contiguous()  # [NB, Hkv, D, BS]
     v_layout = vc.permute(0, 2, 1, 3).contiguous()  # [NB, Hkv, BS, D]
     max_q = int((starts[1:] - starts[:-1]).max())
-    return torch.ops.pagedllm.paged_attention_multi(
+    return ops.paged_attention_multi(
         q, k_layout, v_layout, tables, seq_lens, starts, scale, int(seq_lens.max()), max_q
     )
 
@@ -66,7 +60,9 @@ def _run(q, kc, vc, tables, seq_lens, starts, scale):
     "head_dim,heads,kv_heads,block_size",
     [(64, 9, 3, 16), (16, 4, 2, 16), (128, 8, 8, 32), (80, 8, 1, 16)],
 )
-def test_matches_causal_reference(q_dtype, cache_dtype, tol, head_dim, heads, kv_heads, block_size):
+def test_matches_causal_reference(
+    ops, q_dtype, cache_dtype, tol, head_dim, heads, kv_heads, block_size
+):
     # One query (a plain decode), drafts of several lengths, a sequence made only of its queries,
     # and lengths on both sides of block edges.
     case = _case(
@@ -79,31 +75,31 @@ def test_matches_causal_reference(q_dtype, cache_dtype, tol, head_dim, heads, kv
         q_lens=[1, 5, 3, 2, 4],
         seq_lens=[1, 37, 3, 16, 100],
     )
-    got = _run(*case)
+    got = _run(ops, *case)
     ref = _reference(*case)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
 
 
-def test_single_query_rows_equal_the_decode_kernel():
+def test_single_query_rows_equal_the_decode_kernel(ops):
     q, kc, vc, tables, seq_lens, starts, scale = _case(
         torch.bfloat16, torch.bfloat16, 64, 9, 3, 16, q_lens=[1] * 4, seq_lens=[5, 40, 17, 64]
     )
-    multi = _run(q, kc, vc, tables, seq_lens, starts, scale)
+    multi = _run(ops, q, kc, vc, tables, seq_lens, starts, scale)
     k_layout = kc.permute(0, 2, 3, 1).contiguous()
     v_layout = vc.permute(0, 2, 1, 3).contiguous()
-    decode = torch.ops.pagedllm.paged_attention_decode(
+    decode = ops.paged_attention_decode(
         q, k_layout, v_layout, tables, seq_lens, scale, int(seq_lens.max())
     )
     torch.testing.assert_close(multi.float(), decode.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_bad_input_gets_a_clear_error():
+def test_bad_input_gets_a_clear_error(ops):
     q, kc, vc, tables, seq_lens, starts, scale = _case(
         torch.float32, torch.float32, 64, 9, 3, 16, q_lens=[2, 3], seq_lens=[10, 20]
     )
     k_layout = kc.permute(0, 2, 3, 1).contiguous()
     v_layout = vc.permute(0, 2, 1, 3).contiguous()
-    op = torch.ops.pagedllm.paged_attention_multi
+    op = ops.paged_attention_multi
     with pytest.raises(RuntimeError, match="max_query_len"):
         op(q, k_layout, v_layout, tables, seq_lens, starts, scale, 20, 30)  # 30 x 3 rows > 64
     with pytest.raises(RuntimeError, match="q_len"):
@@ -115,7 +111,7 @@ def test_bad_input_gets_a_clear_error():
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 48])
-def test_amx_tile_path_matches_causal_reference(block_size):
+def test_amx_tile_path_matches_causal_reference(ops, block_size):
     # bf16, head_dim 64 and at most 16 query rows per kv head (4 x 4 here): on a CPU with AMX
     # the products run on tiles, with keys repacked per 16 (K) and 32 (V) across block edges.
     case = _case(
@@ -128,6 +124,6 @@ def test_amx_tile_path_matches_causal_reference(block_size):
         q_lens=[1, 4, 3, 2, 4, 1],
         seq_lens=[1, 37, 3, 16, 100, 33],
     )
-    got = _run(*case)
+    got = _run(ops, *case)
     ref = _reference(*case)
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)

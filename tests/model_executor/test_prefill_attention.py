@@ -1,7 +1,8 @@
-"""The native AMX prefill kernel (ops/csrc/prefill_attention.cpp) == causal attention in fp32 to
-bf16 accuracy, for ragged sequences at any offset of the batch, GQA, and views of a fused QKV
-projection; rows outside the listed sequences are left alone. Where the CPU has no AMX the
-engine uses SDPA instead, and these tests do not apply."""
+"""The AMX prefill kernel (ops/csrc/x86/amx/prefill_attention.cpp) == causal attention in fp32
+to bf16 accuracy, for ragged sequences at any offset of the batch, GQA, and views of a fused QKV
+projection; rows outside the listed sequences are left alone. The kernel runs only where the CPU
+has AMX (the ``amx_ops`` cases); every backend's prefill path (the kernel, or SDPA) is checked
+on a mixed fresh + cached batch wherever it runs."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model_executor.layers.attention import (
-    AttentionMetadata,
-    PrefillSeq,
-    paged_attention,
-)
-from pagedllm.model_executor.ops import amx_available
+from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata, PrefillSeq
+from pagedllm.model_executor.ops import native_ops
+from tests.utils import backend_names, get_backend, native_isa_names
 
-pytestmark = pytest.mark.skipif(not amx_available(), reason="needs AMX-BF16 and the native kernels")
+
+@pytest.fixture(params=[isa for isa in native_isa_names() if isa == "amx"])
+def amx_ops(request):
+    """The amx ISA's kernels: only on a CPU with AMX (elsewhere no case runs)."""
+    return native_ops(request.param)
+
 
 D = 64
 
@@ -43,7 +46,7 @@ def causal_fp32(q, k, v, scale):
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_matches_fp32_attention_for_ragged_sequences(heads, kv_heads):
+def test_matches_fp32_attention_for_ragged_sequences(amx_ops, heads, kv_heads):
     # lengths around the 16-row and 32-key tiles; a gap of 5 rows between sequences
     lens = [1, 15, 16, 17, 31, 32, 33, 100, 257]
     starts, pos = [], 3
@@ -53,9 +56,7 @@ def test_matches_fp32_attention_for_ragged_sequences(heads, kv_heads):
     q, k, v = fused_qkv(pos, heads, kv_heads)
     scale = D**-0.5
     out = torch.full((pos, heads, D), 7.0, dtype=torch.bfloat16)
-    torch.ops.pagedllm.prefill_attention(
-        q, k, v, torch.tensor(starts), torch.tensor(lens), out, scale
-    )
+    amx_ops.prefill_attention(q, k, v, torch.tensor(starts), torch.tensor(lens), out, scale)
     covered = torch.zeros(pos, dtype=torch.bool)
     for s, n in zip(starts, lens):
         rows = slice(s, s + n)
@@ -77,9 +78,11 @@ def test_matches_fp32_attention_for_ragged_sequences(heads, kv_heads):
     assert (out[~covered] == 7.0).all(), "rows outside the sequences were written"
 
 
-def test_paged_attention_uses_it_for_fresh_prefills_only():
-    """A batch with a fresh prefill (kernel) and one whose first 16 tokens are cached (SDPA over
-    the gathered blocks) gives both sequences their attention over all their keys."""
+@pytest.mark.parametrize("backend", backend_names())
+def test_fresh_and_cached_prefills_in_one_batch(backend):
+    """A batch with a fresh prefill (on AMX the kernel, else SDPA) and one whose first 16 tokens
+    are cached (SDPA over the gathered blocks) gives both sequences their attention over all
+    their keys."""
     heads, kv_heads, bs = 9, 3, 16
     q, k, v = fused_qkv(40 + 24, heads, kv_heads, seed=1)
     # sequence B: 16 cached tokens (block 2) + 24 new ones (blocks 3, 4)
@@ -102,7 +105,8 @@ def test_paged_attention_uses_it_for_fresh_prefills_only():
         prefills=[PrefillSeq(0, 40, 0, None, None), PrefillSeq(40, 24, 16, table, mask)],
         fresh_prefills=(torch.tensor([0]), torch.tensor([40])),
     )
-    out = paged_attention(q, k, v, k_cache, v_cache, meta, D**-0.5)
+    attention = get_backend(backend, torch.bfloat16, D).attention
+    out = attention.forward(q, k, v, k_cache, v_cache, meta, D**-0.5)
     want_a = causal_fp32(q[:40], k[:40], v[:40], D**-0.5)
     torch.testing.assert_close(out[:40].float(), want_a, atol=2e-2, rtol=0)
     full = F.scaled_dot_product_attention(
@@ -116,14 +120,10 @@ def test_paged_attention_uses_it_for_fresh_prefills_only():
     torch.testing.assert_close(out[40:].float(), full, atol=2e-2, rtol=0)
 
 
-def test_rejects_what_it_cannot_run():
+def test_rejects_what_it_cannot_run(amx_ops):
     q, k, v = fused_qkv(8, 4, 4)
     out = torch.empty(8, 4, D, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="bf16 only"):
-        torch.ops.pagedllm.prefill_attention(
-            q.float(), k, v, torch.tensor([0]), torch.tensor([8]), out, 0.1
-        )
+        amx_ops.prefill_attention(q.float(), k, v, torch.tensor([0]), torch.tensor([8]), out, 0.1)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.pagedllm.prefill_attention(
-            q, k, v, torch.tensor([4]), torch.tensor([8]), out, 0.1
-        )
+        amx_ops.prefill_attention(q, k, v, torch.tensor([4]), torch.tensor([8]), out, 0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.model_executor.ops import native_ops_available
+from pagedllm.model_executor.backends.kernels import NativeKernels, TorchKernels
 from pagedllm.model_executor.sampler import (
     Penalties,
     Sampler,
@@ -14,6 +14,7 @@ from pagedllm.model_executor.sampler import (
     apply_top_k_top_p,
     greedy_argmax,
 )
+from tests.utils import backend_names
 
 
 def _batch(n, **kw):
@@ -28,24 +29,27 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
         assert Sampler()(logits, batch).token_ids[0].item() == 1
 
 
-@pytest.mark.parametrize("native", [True, False])
+def _kernels(isa: str):
+    from pagedllm.model_executor.ops import native_ops
+
+    return TorchKernels() if isa == "torch" else NativeKernels(native_ops(isa))
+
+
+@pytest.mark.parametrize("isa", backend_names())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [49152, 1003, 5])
-def test_greedy_argmax_matches_torch_argmax_with_ties(native, dtype, vocab, monkeypatch):
-    if native and not native_ops_available():
-        pytest.skip("native kernels not built")
-    if not native:
-        monkeypatch.setattr("pagedllm.model_executor.sampler.use_native", lambda t: False)
+def test_greedy_argmax_matches_torch_argmax_with_ties(isa, dtype, vocab):
+    kernels = _kernels(isa)
     torch.manual_seed(0)
     logits = torch.randn(9, vocab).to(dtype)
     logits[1] = float("-inf")  # all equal: index 0
     logits[2, :] = 0.0
     logits[2, [vocab - 1, vocab // 2, 3 % vocab]] = 5.0  # ties: the lowest index wins
     logits[3, vocab - 1] = 100.0  # in the tail past the last full 16-lane vector
-    got = greedy_argmax(logits)
+    got = greedy_argmax(logits, kernels=kernels)
     assert torch.equal(got, logits.float().argmax(dim=-1))
     batch = SamplingBatch(temperature=torch.zeros(9), all_greedy=True)
-    assert torch.equal(Sampler()(logits, batch).token_ids, got)
+    assert torch.equal(Sampler(kernels)(logits, batch).token_ids, got)
 
 
 def test_top_k_top_p_keep_exactly_the_right_tokens():
@@ -137,14 +141,11 @@ def test_banned_tokens_and_logprobs():
     assert out.top_ids.tolist() == [[0, 1]]
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_greedy_settles_bf16_near_ties_with_exact_logits(native, monkeypatch):
+@pytest.mark.parametrize("isa", backend_names())
+def test_greedy_settles_bf16_near_ties_with_exact_logits(isa):
     """bf16 rounding can tie two candidates fp32 tells apart: rows whose best and runner-up
     differ by at most one bf16 step ask for those candidates' exact logits; clear rows don't."""
-    if native and not native_ops_available():
-        pytest.skip("native kernels not built (make setup)")
-    if not native:
-        monkeypatch.setattr("pagedllm.model_executor.sampler.use_native", lambda t: False)
+    kernels = _kernels(isa)
     logits = torch.full((4, 50), -3.0)
     logits[0, 5] = logits[0, 9] = 20.0  # a tie in bf16
     logits[1, 7], logits[1, 8] = 20.0, 19.0  # clear: 8 bf16 steps apart
@@ -157,13 +158,13 @@ def test_greedy_settles_bf16_near_ties_with_exact_logits(native, monkeypatch):
         asked[row] = token_ids.tolist()
         return token_ids.float()  # prefers the highest token id among the candidates
 
-    assert greedy_argmax(logits).tolist() == [5, 7, 3, 2]
-    assert greedy_argmax(logits, exact).tolist() == [9, 7, 30, 2]
+    assert greedy_argmax(logits, kernels=kernels).tolist() == [5, 7, 3, 2]
+    assert greedy_argmax(logits, exact, kernels).tolist() == [9, 7, 30, 2]
     assert asked == {0: [5, 9], 2: [3, 30]}
     batch = SamplingBatch(temperature=torch.zeros(4), all_greedy=True)
-    assert Sampler()(logits, batch, exact).token_ids.tolist() == [9, 7, 30, 2]
+    assert Sampler(kernels)(logits, batch, exact).token_ids.tolist() == [9, 7, 30, 2]
     asked.clear()
-    assert greedy_argmax(logits.float(), exact).tolist() == [5, 7, 3, 2]
+    assert greedy_argmax(logits.float(), exact, kernels).tolist() == [5, 7, 3, 2]
     assert asked == {}, "fp32 logits are exact already"
 
 
@@ -196,13 +197,12 @@ def test_greedy_near_ties_are_settled_alike_whatever_the_batch():
     assert Sampler()(logits, beside_penalized, exact).token_ids[0].item() == 9
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 100, 1000])
-def test_argmax_gap_rows_matches_top2(dtype, vocab):
+def test_argmax_gap_rows_matches_top2(ops, dtype, vocab):
     torch.manual_seed(vocab)
     logits = torch.randn(20, vocab).mul(4).round().to(dtype)  # rounding makes ties common
-    ids, gaps = torch.ops.pagedllm.argmax_gap_rows(logits)
+    ids, gaps = ops.argmax_gap_rows(logits)
     assert torch.equal(ids, logits.float().argmax(dim=-1))
     if vocab == 1:
         assert torch.isinf(gaps).all()

@@ -1,16 +1,16 @@
-"""SiLU-gated activation (SwiGLU): silu(gate) * up on the fused gate_up output."""
+"""SiLU-gated activation (SwiGLU) as a module, so that it holds the backend's kernels."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from pagedllm.model_executor.ops import use_native
+from pagedllm.model_executor.backends.base import TORCH_BACKEND
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2 * I] (gate | up) -> [T, I]."""
-    if use_native(x) and x.is_contiguous():
-        return torch.ops.pagedllm.silu_and_mul(x)
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+class SiluAndMul(nn.Module):
+    kernels = TORCH_BACKEND.kernels  # bound by the model runner (Backend.bind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, 2 * I] (gate | up) -> [T, I]."""
+        return self.kernels.silu_and_mul(x)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pagedllm.model_executor.ops import use_native
+from pagedllm.model_executor.backends.base import TORCH_BACKEND
 
 
 def _inv_freq(rotary_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
@@ -41,6 +41,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    kernels = TORCH_BACKEND.kernels  # bound by the model runner (Backend.bind)
+
     def __init__(
         self, head_dim: int, max_position: int, base: float, scaling: dict | None = None
     ) -> None:
@@ -56,17 +58,5 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]; the native kernel rotates them in place."""
-        if use_native(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
-            torch.ops.pagedllm.rotary_embedding(positions, q, k, self.cos, self.sin)
-            return q, k
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+        """q: [T, Hq, D], k: [T, Hk, D]; a native backend rotates them in place."""
+        return self.kernels.rotary(positions, q, k, self.cos, self.sin)

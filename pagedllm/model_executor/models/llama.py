@@ -14,8 +14,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pagedllm.model_executor.layers.activation import silu_and_mul
-from pagedllm.model_executor.layers.attention import AttentionMetadata, paged_attention, write_kv
+from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata
+from pagedllm.model_executor.layers.activation import SiluAndMul
+from pagedllm.model_executor.layers.attention import PagedAttention
 from pagedllm.model_executor.layers.layernorm import RMSNorm
 from pagedllm.model_executor.layers.linear import Linear
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
@@ -60,7 +61,7 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.rotary = rotary
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
+        self.attn = PagedAttention(self.scale)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
@@ -71,10 +72,7 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        assert self.kv_cache is not None, "KV cache not bound"
-        k_cache, v_cache = self.kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = self.attn(q, k, v, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -86,9 +84,10 @@ class LlamaMLP(nn.Module):
             cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias
         )
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -161,8 +160,8 @@ class LlamaForCausalLM(nn.Module):
         weight = self.lm_head.weight
         return self.lm_head(hidden if weight.dtype == hidden.dtype else hidden.to(weight.dtype))
 
-    def attention_layers(self) -> list[LlamaAttention]:
-        return [layer.self_attn for layer in self.model.layers]
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors in, casting to each parameter's dtype. Every parameter must be

@@ -9,8 +9,6 @@ import os
 
 import pytest
 
-from pagedllm.model_executor.ops import native_ops_available
-
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
@@ -96,10 +94,9 @@ def test_gemm_rate_smoke(tmp_path):
     assert result["smollm2_ceiling_tokens_per_s"]["float32"] > 0
 
 
-@pytest.mark.skipif(not native_ops_available(), reason="native kernels not built (make setup)")
-def test_decode_attention_bw_smoke(tmp_path):
+def test_decode_attention_bw_smoke(ops, tmp_path):
     out = tmp_path / "bw.json"
-    args = ["--batch", "3", "--context", "40", "--layers", "2", "--repeats", "2"]
+    args = ["--batch", "3", "--context", "40", "--layers", "2", "--repeats", "2", "--isa", ops.isa]
     rc = _script("decode_attention_bw").main(
         args + ["--stream-mib", "8", "--output-json", str(out)]
     )

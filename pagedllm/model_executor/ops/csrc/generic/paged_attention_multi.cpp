@@ -15,14 +15,15 @@
 // 32 keys of V are repacked into the tiles' pair-interleaved layout on the fly (a permute per 64
 // bytes), S = Q K^T and O = P V are tile dot products, and P is split into two bf16 parts as in
 // prefill_attention.cpp.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "amx.h"
-#include "attention_common.h"
-#include "vec_math.h"
+#include "x86/amx/amx.h"
+#include "common/attention_common.h"
+#include "common/vec_math.h"
 
 #include <algorithm>
 #include <cstring>
@@ -398,10 +399,6 @@ at::Tensor paged_attention_multi(const at::Tensor& q, const at::Tensor& k_cache,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def(
-      "paged_attention_multi(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, Tensor query_start_loc, float scale, int max_seq_len, "
-      "int max_query_len) -> Tensor");
-  m.impl("paged_attention_multi", c10::DispatchKey::CPU, &paged_attention_multi);
+PAGEDLLM_IMPL(m) {
+  m.impl("paged_attention_multi", &paged_attention_multi);
 }

@@ -9,13 +9,14 @@
 // (q[d] broadcast times row d of K^T): no horizontal reductions. Work is split over
 // (sequence, kv head); the G = num_heads / num_kv_heads query heads sharing a kv head are
 // processed together so each K/V element is loaded once (GQA reuse).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "attention_common.h"
-#include "vec_math.h"
+#include "common/attention_common.h"
+#include "common/vec_math.h"
 
 #include <algorithm>
 #include <cstring>
@@ -353,10 +354,10 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
                           block_tables.size(1), static_cast<float>(scale), max_seq_len);
   };
   auto run = [&](auto bs_tag) { with_group(group, [&](auto g_tag) { run_g(bs_tag, g_tag); }); };
+  // The default block size gets its own instance; any other runs the runtime-size loop
+  // (instances per ISA library multiply the build time).
   if (block_size == 16) {
     run(std::integral_constant<int, 16>{});
-  } else if (block_size == 32) {
-    run(std::integral_constant<int, 32>{});
   } else {
     run(std::integral_constant<int, 0>{});
   }
@@ -451,9 +452,6 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 
 }  // namespace
 
-TORCH_LIBRARY(pagedllm, m) {
-  m.def(
-      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale, int max_seq_len) -> Tensor");
-  m.impl("paged_attention_decode", c10::DispatchKey::CPU, &paged_attention_decode);
+PAGEDLLM_IMPL(m) {
+  m.impl("paged_attention_decode", &paged_attention_decode);
 }

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "vec_math.h"
+#include "common/vec_math.h"
 
 namespace pagedllm {
 

@@ -1,10 +1,11 @@
 // Row-wise argmax for greedy decoding, read straight from the model's logits dtype: for bf16
 // logits this skips the fp32 copy (B x V x 6 bytes moved) and torch's max over it. Ties go to
 // the lowest index, as torch.argmax; exact for bf16/fp16 (their fp32 conversion is exact).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <ATen/Parallel.h>
 
-#include "vec_math.h"
+#include "common/vec_math.h"
 
 #include <algorithm>
 #include <limits>
@@ -138,9 +139,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_gap_rows(const at::Tensor& x) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("argmax_rows(Tensor x) -> Tensor");
-  m.def("argmax_gap_rows(Tensor x) -> (Tensor, Tensor)");
-  m.impl("argmax_rows", c10::DispatchKey::CPU, &argmax_rows);
-  m.impl("argmax_gap_rows", c10::DispatchKey::CPU, &argmax_gap_rows);
+PAGEDLLM_IMPL(m) {
+  m.impl("argmax_rows", &argmax_rows);
+  m.impl("argmax_gap_rows", &argmax_gap_rows);
 }

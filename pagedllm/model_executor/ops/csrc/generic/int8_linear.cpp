@@ -3,11 +3,12 @@
 // contiguous range of rows (the hardware prefetcher follows it; torch's int8 kernel measured
 // ~11.5 GB/s from DRAM here). x is widened to fp32 once; each 16-byte slice of a weight row is
 // widened once and used for every row of x.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "vec_math.h"
+#include "common/vec_math.h"
 
 #include <vector>
 
@@ -93,7 +94,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.impl("int8_linear", c10::DispatchKey::CPU, &int8_linear);
+PAGEDLLM_IMPL(m) {
+  m.impl("int8_linear", &int8_linear);
 }

@@ -12,7 +12,8 @@
 // pairs (32 columns each): every pair of 16-row tiles of x (straight from x's rows, no packing)
 // meets every pair in the chunk, while the next chunk is prefetched into L2. Batches past 1,024
 // rows stay on oneDNN, which blocks over the rows as well (2,048 rows: 276 vs 355 ms here).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -20,7 +21,7 @@
 #include <cstring>
 #include <vector>
 
-#include "amx.h"
+#include "x86/amx/amx.h"
 
 #ifdef PAGEDLLM_AMX
 #include <omp.h>
@@ -138,7 +139,6 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& wp) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("amx_linear(Tensor x, Tensor wp) -> Tensor");
-  m.impl("amx_linear", c10::DispatchKey::CPU, &amx_linear);
+PAGEDLLM_IMPL(m) {
+  m.impl("amx_linear", &amx_linear);
 }

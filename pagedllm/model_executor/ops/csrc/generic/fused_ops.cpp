@@ -8,11 +8,12 @@
 //   silu_and_mul        out = silu(x[:, :I]) * x[:, I:]
 //   reshape_and_cache   K/V rows -> their slots in the paged caches
 //                         k_cache [NB, Hkv, D, BS] (K^T per block), v_cache [NB, Hkv, BS, D]
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "vec_math.h"
+#include "common/vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -265,19 +266,10 @@ void reshape_and_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_c
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
-  m.def(
-      "fused_add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, float eps, "
-      "Tensor(b!) out) -> ()");
-  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
-  m.def("silu_and_mul(Tensor x) -> Tensor");
-  m.def(
-      "reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "Tensor slot_mapping) -> ()");
-  m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
-  m.impl("fused_add_rms_norm", c10::DispatchKey::CPU, &fused_add_rms_norm);
-  m.impl("rotary_embedding", c10::DispatchKey::CPU, &rotary_embedding);
-  m.impl("silu_and_mul", c10::DispatchKey::CPU, &silu_and_mul);
-  m.impl("reshape_and_cache", c10::DispatchKey::CPU, &reshape_and_cache);
+PAGEDLLM_IMPL(m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("reshape_and_cache", &reshape_and_cache);
 }

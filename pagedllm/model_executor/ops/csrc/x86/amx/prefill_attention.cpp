@@ -11,7 +11,8 @@
 //
 // The whole score row fits in a buffer (n <= the sequence length), so the softmax is exact and
 // O needs no rescaling. Only head_dim 64 and bf16; callers check `amx_supported`.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include "common/registration.h"
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -20,7 +21,7 @@
 #include <limits>
 #include <vector>
 
-#include "amx.h"
+#include "x86/amx/amx.h"
 
 #ifdef PAGEDLLM_AMX
 #include <omp.h>
@@ -208,9 +209,6 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pagedllm, m) {
-  m.def(
-      "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor lens, "
-      "Tensor(a!) out, float scale) -> ()");
-  m.impl("prefill_attention", c10::DispatchKey::CPU, &prefill_attention);
+PAGEDLLM_IMPL(m) {
+  m.impl("prefill_attention", &prefill_attention);
 }

@@ -1,0 +1,40 @@
+"""What one step's attention needs besides q, k, v: built by input_batch.build_inputs, read by
+the attention backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DecodeMetadata:
+    num_tokens: int
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    seq_lens: torch.Tensor  # [B] int64
+    max_seq_len: int
+    key_mask: torch.Tensor | None  # [B, 1, 1, L] bool, for a backend that gathers the blocks
+    # With draft tokens: [B + 1] offsets of each sequence's query rows (its newest token and
+    # drafts, the last positions of its seq_len), for a backend's verify kernel.
+    query_start_loc: torch.Tensor | None = None
+    max_query_len: int = 1
+
+
+@dataclass
+class PrefillSeq:
+    token_start: int  # offset of this sequence's tokens in the batch
+    num_tokens: int
+    start_pos: int  # tokens already in the cache before this step
+    block_table: torch.Tensor | None  # [num_blocks] int64, when start_pos > 0
+    key_mask: torch.Tensor | None  # [Q, L] bool, when start_pos > 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    decode: DecodeMetadata | None
+    prefills: list[PrefillSeq]
+    # The prefills with nothing cached (start_pos == 0) as (token_start, num_tokens) int64
+    # tensors, for a backend's fresh-prefill kernel (x86/amx/prefill_attention.cpp).
+    fresh_prefills: tuple[torch.Tensor, torch.Tensor] | None = None

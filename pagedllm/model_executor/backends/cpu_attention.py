@@ -1,0 +1,99 @@
+"""NativeAttentionBackend: paged attention on one ISA's C++ kernels (ops/csrc).
+
+  * decodes: one call of the decode kernel, reading K/V in place through the block tables;
+  * decodes with drafts: the verify (multi-query) kernel, which reads each block once for all
+    of a sequence's query tokens; on AMX its bf16 / head_dim 64 products run on tiles;
+  * fresh prefills: on AMX in bf16 with head_dim 64, one call of the AMX prefill kernel; else,
+    and for prefills over cached blocks, torch SDPA as in TorchAttentionBackend.
+
+Its limits are the kernels' own, declared here next to the code that calls them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata, DecodeMetadata
+from pagedllm.model_executor.backends.torch_attention import TorchAttentionBackend
+from pagedllm.model_executor.ops.native import NativeOps
+
+# Head sizes the decode kernel is instantiated for (generic/paged_attention.cpp).
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+# Query rows of one (sequence, kv head) the verify kernel holds (kMaxRows,
+# generic/paged_attention_multi.cpp): (drafts + 1) x query heads per kv head.
+MAX_VERIFY_ROWS = 64
+# The AMX prefill kernel's one shape (x86/amx/prefill_attention.cpp).
+AMX_PREFILL_HEAD_DIM = 64
+
+
+class NativeAttentionBackend(TorchAttentionBackend):
+    reads_cache_in_place = True
+    max_verify_rows = MAX_VERIFY_ROWS
+
+    def __init__(self, ops: NativeOps, dtype: torch.dtype, head_dim: int) -> None:
+        self.ops = ops
+        self.name = ops.isa
+        self.amx_prefill = (
+            dtype == torch.bfloat16 and head_dim == AMX_PREFILL_HEAD_DIM and ops.amx_supported
+        )
+
+    def supports(self, head_dim: int, block_size: int, int8_cache: bool) -> bool:
+        if int8_cache and (block_size % 16 or head_dim % 16):
+            return False
+        return head_dim in HEAD_DIMS
+
+    def can_verify(self, block_size: int, int8_cache: bool) -> bool:
+        return not int8_cache and block_size % 16 == 0
+
+    def describe(self) -> str:
+        prefill = "AMX kernel" if self.amx_prefill else "torch SDPA"
+        return f"{self.name} decode/verify kernels, fresh prefills on {prefill}"
+
+    def write_kv(self, k_cache, v_cache, k, v, slots) -> None:
+        k, v = k[: slots.shape[0]], v[: slots.shape[0]]
+        quantized = k_cache.dtype == torch.int8
+        mixed = k.dtype == torch.float32 and k_cache.dtype == torch.bfloat16
+        if quantized or mixed or k.dtype == k_cache.dtype:
+            self.ops.reshape_and_cache(k, v, k_cache, v_cache, slots)
+            return
+        super().write_kv(k_cache, v_cache, k, v, slots)
+
+    def prefill_fresh(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+        scale: float,
+    ) -> bool:
+        if not (self.amx_prefill and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16):
+            return False
+        assert meta.fresh_prefills is not None
+        starts, lens = meta.fresh_prefills
+        self.ops.prefill_attention(q, k, v, starts, lens, out, scale)
+        return True
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        d: DecodeMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if d.query_start_loc is not None:
+            return self.ops.paged_attention_multi(
+                q,
+                k_cache,
+                v_cache,
+                d.block_tables,
+                d.seq_lens,
+                d.query_start_loc,
+                scale,
+                d.max_seq_len,
+                d.max_query_len,
+            )
+        return self.ops.paged_attention_decode(
+            q, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len
+        )

@@ -1,0 +1,112 @@
+"""The small per-token kernels every layer needs: RMSNorm (with the residual add fused in),
+RoPE, SiLU-and-mul, and the sampler's row argmax. TorchKernels is the portable reference;
+NativeKernels runs one ISA's C++ kernels, falling back per call only for layouts they do not
+take (non-contiguous views)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.model_executor.ops.native import NativeOps
+
+
+class TorchKernels:
+    name = "torch"
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """In fp32 whatever x's dtype (HF Llama's arithmetic), cast to ``out_dtype``."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return (weight * x.to(dtype)).to(out_dtype)
+
+    def add_rms_norm(
+        self,
+        residual: torch.Tensor,
+        delta: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``residual += delta`` in place (fp32), then the norm of the new residual."""
+        residual.add_(delta.float())
+        return self.rms_norm(residual, weight, eps, out_dtype)
+
+    def rotary(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's rotate_half layout; q: [T, Hq, D], k: [T, Hk, D]."""
+        c = cos[positions].unsqueeze(1)
+        s = sin[positions].unsqueeze(1)
+        return _rotate(q, c, s), _rotate(k, c, s)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, 2 * I] (gate | up) -> [T, I]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
+
+    def argmax_gap_rows(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (argmax, best minus runner-up in fp32) per row."""
+        ids = logits.max(dim=-1).indices
+        top2 = logits.topk(2, dim=-1).values.float()
+        return ids, top2[:, 0] - top2[:, 1]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class NativeKernels(TorchKernels):
+    def __init__(self, ops: NativeOps) -> None:
+        self.ops = ops
+        self.name = ops.isa
+
+    def rms_norm(self, x, weight, eps, out_dtype):
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            return super().rms_norm(x, weight, eps, out_dtype)
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        self.ops.rms_norm(x, weight, eps, out)
+        return out
+
+    def add_rms_norm(self, residual, delta, weight, eps, out_dtype):
+        if not delta.is_contiguous():
+            return super().add_rms_norm(residual, delta, weight, eps, out_dtype)
+        out = torch.empty(residual.shape, dtype=out_dtype, device=residual.device)
+        self.ops.fused_add_rms_norm(residual, delta, weight, eps, out)
+        return out
+
+    def rotary(self, positions, q, k, cos, sin):
+        """Rotates q and k in place."""
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            return super().rotary(positions, q, k, cos, sin)
+        self.ops.rotary_embedding(positions, q, k, cos, sin)
+        return q, k
+
+    def silu_and_mul(self, x):
+        if not x.is_contiguous():
+            return super().silu_and_mul(x)
+        return self.ops.silu_and_mul(x)
+
+    def argmax_rows(self, logits):
+        if logits.stride(-1) != 1:
+            return super().argmax_rows(logits)
+        return self.ops.argmax_rows(logits)
+
+    def argmax_gap_rows(self, logits):
+        if logits.stride(-1) != 1:
+            return super().argmax_gap_rows(logits)
+        return self.ops.argmax_gap_rows(logits)

@@ -1,0 +1,120 @@
+"""Linear backends: how a Linear layer's weight is prepared once (packed, quantized copies) and
+which kernel each step's matmul runs, by its row count.
+
+TorchLinearBackend: on CPU in bf16 the weight is pre-packed once for oneDNN (AMX / AVX-512-BF16
+blocked layout; plain bf16 matmuls re-pack it on every call, which made small-batch decode
+slower in bf16 than in fp32); ``--quantization int8`` steps of few rows use torch's int8 kernel.
+NativeLinearBackend adds one ISA's kernels: the int8 kernel for those small steps, and on AMX
+``amx_linear`` for decode-sized steps, from a second copy of the weight in its tile layout (it
+streams the weights faster than oneDNN: x86/amx/amx_linear.cpp).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.model_executor.ops.native import NativeOps
+
+# Batch-size hint for the packed layout; measured to serve 1..1024 rows equally well.
+PACK_BATCH_HINT = 64
+# --quantization int8: steps of at most this many rows use the int8 weights. Reading the weights
+# bounds such steps and int8 halves those bytes; with more rows oneDNN's bf16 GEMM wins (torch's
+# int8 kernel at 8 rows: 168 vs 116 us for the 3072x576 gate/up projection).
+INT8_MAX_ROWS = 4
+# The most rows the native int8 kernel takes (kMaxRows, generic/int8_linear.cpp).
+INT8_KERNEL_MAX_ROWS = 4
+# Steps of at most this many rows use amx_linear; above it oneDNN, which also blocks over the
+# rows, wins. The model's projections with the weights cold, amx_linear vs oneDNN (ms): 10.7 vs
+# 14.2 at 16 rows, 28.3 vs 28.4 at 208, 75.0 vs 86.5 at 528, 155.6 vs 178.9 at 1,024, 194.4 vs
+# 201.4 at 1,280, 245.8 vs 212.9 at 1,536, 354.5 vs 275.5 at 2,048.
+AMX_LINEAR_MAX_ROWS = 1024
+
+
+def pack_amx(weight: torch.Tensor) -> torch.Tensor:
+    """[n, k] -> the tile layout amx_linear reads:
+    wp[nb][kc][r][c][e] = W[16 nb + c][32 kc + 2 r + e]."""
+    n, k = weight.shape
+    return weight.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: W ~ q * scales[:, None]."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scales[:, None]).to(torch.int8), scales
+
+
+class TorchLinearBackend:
+    name = "torch"
+    int8_max_rows = INT8_MAX_ROWS
+
+    def describe(self) -> str:
+        return "oneDNN (packed bf16) / torch matmul"
+
+    def can_pack(self, weight: torch.Tensor) -> bool:
+        return (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        )
+
+    def prepare(self, layer: Any) -> None:
+        """Once the weight is final (loaded, converted): the packed copies this backend runs."""
+        if self.can_pack(layer.weight):
+            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
+                layer.weight.detach(), PACK_BATCH_HINT
+            )
+
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        if layer.int8_weight is not None and x.shape[0] <= self.int8_max_rows:
+            out = self.int8_matmul(x.to(layer.weight.dtype), layer.int8_weight, layer.int8_scales)
+            return out if layer.bias is None else out + layer.bias
+        if layer.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(
+                x.to(torch.bfloat16), layer.packed_weight, layer.bias, "none", [], ""
+            )
+        return F.linear(x, layer.weight, layer.bias)
+
+    def int8_matmul(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, w, scales.to(x.dtype))
+
+
+class NativeLinearBackend(TorchLinearBackend):
+    def __init__(self, ops: NativeOps) -> None:
+        self.ops = ops
+        self.name = ops.isa
+        self.amx = ops.amx_supported
+
+    def describe(self) -> str:
+        return "amx_linear up to 1024 rows, oneDNN above" if self.amx else super().describe()
+
+    def prepare(self, layer: Any) -> None:
+        super().prepare(layer)
+        n, k = layer.weight.shape
+        if (
+            self.amx
+            and layer.packed_weight is not None
+            and layer.bias is None
+            and n % 32 == 0
+            and k % 32 == 0
+        ):
+            layer.amx_weight = pack_amx(layer.weight.detach())
+
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        if (
+            layer.amx_weight is not None
+            and x.dim() == 2
+            and x.shape[0] <= AMX_LINEAR_MAX_ROWS
+            and (layer.int8_weight is None or x.shape[0] > self.int8_max_rows)
+        ):
+            return self.ops.amx_linear(x.to(torch.bfloat16), layer.amx_weight)
+        return super().apply(layer, x)
+
+    def int8_matmul(self, x, w, scales):
+        if x.shape[1] % 16 or x.shape[0] > INT8_KERNEL_MAX_ROWS:
+            return super().int8_matmul(x, w, scales)
+        return self.ops.int8_linear(x, w, scales)

@@ -1,0 +1,196 @@
+"""TorchAttentionBackend: paged attention in plain torch ops, for any device, dtype and head
+size (what CUDA runs today, and the CPU reference the native backends are tested against).
+
+KV cache of one layer:
+
+    K: [num_blocks, num_kv_heads, head_dim, block_size]   (transposed per block: the native
+    V: [num_blocks, num_kv_heads, block_size, head_dim]    decode kernel scores a block with FMAs)
+     slot s = block_id * block_size + offset   (slot_mapping holds one slot per new token)
+
+With ``kv_cache_dtype="bfloat16"`` under an fp32 model the cache is bf16 (rounded to nearest
+even on write) while q, the scores and the outputs stay fp32. With ``kv_cache_dtype="int8"``
+each (block, kv head) is one int8 record of ``block_size * (head_dim + 4)`` bytes: the values in
+the layout above, then one fp32 scale per token (symmetric, max|x| / 127 over the head's
+head_dim values); ``int8_views`` splits a record.
+
+Tokens arrive ordered decode requests first, then prefills (input_batch sorts them). Here
+decodes gather each sequence's blocks and run one masked SDPA; drafts run as prefill chunks;
+each prefill is one SDPA on its fresh K/V, or, when part of its context is already cached
+(chunked prefill, prefix hit), on its gathered blocks with a bottom-right causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata, DecodeMetadata
+
+
+def int8_views(
+    cache: torch.Tensor, head_dim: int, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 cache [NB, H, BS * (D + 4)] -> (values [NB, H, D, BS] if ``transposed`` (K) else
+    [NB, H, BS, D] (V), scales [NB, H, BS] fp32), both views of the cache."""
+    nb, h, rec = cache.shape
+    bs = rec // (head_dim + 4)
+    shape = (nb, h, head_dim, bs) if transposed else (nb, h, bs, head_dim)
+    return cache[..., : bs * head_dim].view(shape), cache[..., bs * head_dim :].view(torch.float32)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: x ~ q * scale[..., None]."""
+    amax = x.float().abs().amax(dim=-1)
+    scale = amax / 127
+    # A true division, as the native kernel does (``127 / tensor`` multiplies by a reciprocal).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return torch.round(x.float() * inv[..., None]).to(torch.int8), scale
+
+
+def gather_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The listed blocks -> K, V as [num_kv_heads, nb * block_size, head_dim] in ``dtype``
+    (an int8 cache is dequantized)."""
+    if k_cache.dtype == torch.int8:
+        kvals, kscales = int8_views(k_cache, head_dim, transposed=True)
+        vvals, vscales = int8_views(v_cache, head_dim, transposed=False)
+        k = kvals[block_table].float() * kscales[block_table][:, :, None, :]
+        v = vvals[block_table].float() * vscales[block_table][..., None]
+    else:
+        k, v = k_cache[block_table], v_cache[block_table]
+    h = k.shape[1]
+    k = k.permute(1, 0, 3, 2).reshape(h, -1, head_dim)
+    v = v.transpose(0, 1).reshape(h, -1, head_dim)
+    return k.to(dtype), v.to(dtype)
+
+
+class TorchAttentionBackend:
+    name = "torch"
+    # The decode path gathers blocks under a key mask (input_batch builds it).
+    reads_cache_in_place = False
+    # Query rows of one (sequence, kv head) a verify kernel takes; None: no verify kernel.
+    max_verify_rows: int | None = None
+
+    def supports(self, head_dim: int, block_size: int, int8_cache: bool) -> bool:
+        return True
+
+    def can_verify(self, block_size: int, int8_cache: bool) -> bool:
+        """Whether decodes with drafts run in the verify kernel (else as prefill chunks)."""
+        return False
+
+    def describe(self) -> str:
+        return "torch SDPA over gathered blocks"
+
+    # ---- KV writes -----------------------------------------------------------------------------
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """Write the K/V rows of ``slots``; rows past them (pad rows) write nothing."""
+        k, v = k[: slots.shape[0]], v[: slots.shape[0]]
+        if k_cache.dtype == torch.int8:
+            (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+            kvals, kscales = int8_views(k_cache, k.shape[-1], transposed=True)
+            vvals, vscales = int8_views(v_cache, v.shape[-1], transposed=False)
+            block_size = vvals.shape[2]
+            blocks, offsets = slots // block_size, slots % block_size
+            kvals.permute(0, 3, 1, 2)[blocks, offsets] = kq
+            vvals.permute(0, 2, 1, 3)[blocks, offsets] = vq
+            kscales.permute(0, 2, 1)[blocks, offsets] = ks
+            vscales.permute(0, 2, 1)[blocks, offsets] = vs
+            return
+        block_size = v_cache.shape[2]
+        blocks, offsets = slots // block_size, slots % block_size
+        # Both views index as [block, offset, head, dim]; the writes land in the cache tensors.
+        k_cache.permute(0, 3, 1, 2)[blocks, offsets] = k.to(k_cache.dtype)
+        v_cache.permute(0, 2, 1, 3)[blocks, offsets] = v.to(v_cache.dtype)
+
+    # ---- attention -----------------------------------------------------------------------------
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq, D]."""
+        out = torch.empty_like(q)
+        out[meta.slot_mapping.shape[0] :] = 0  # pad rows, if any
+        if meta.decode is not None:
+            d = meta.decode
+            out[: d.num_tokens] = self.decode(q[: d.num_tokens], k_cache, v_cache, d, scale)
+        prefills = meta.prefills
+        if meta.fresh_prefills is not None and self.prefill_fresh(q, k, v, meta, out, scale):
+            prefills = [s for s in prefills if s.block_table is not None]
+        gqa = q.shape[1] != k.shape[1]
+        for s in prefills:
+            rows = slice(s.token_start, s.token_start + s.num_tokens)
+            # NOTE: 4-D inputs: torch's CPU flash-attention kernel takes them (3-D ones fall
+            # back to the unfused math path, ~10x slower).
+            qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
+            if s.block_table is None:
+                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                mask, causal = None, True
+            else:
+                ks, vs = gather_kv(k_cache, v_cache, s.block_table, q.shape[-1], q.dtype)
+                mask, causal = s.key_mask, False
+            res = F.scaled_dot_product_attention(
+                qs,
+                ks.unsqueeze(0),
+                vs.unsqueeze(0),
+                attn_mask=mask,
+                is_causal=causal,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[rows] = res[0].transpose(0, 1)
+        return out
+
+    def prefill_fresh(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+        scale: float,
+    ) -> bool:
+        """Attend every fresh prefill (nothing cached) into ``out`` in one kernel call; False
+        where this backend has no such kernel (each then runs one SDPA)."""
+        return False
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        d: DecodeMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Gather every sequence's blocks, mask by length, one SDPA."""
+        b, nb = d.block_tables.shape
+        ks, vs = gather_kv(k_cache, v_cache, d.block_tables.flatten(), q.shape[-1], q.dtype)
+        h, dim = ks.shape[0], ks.shape[-1]
+        ks = ks.view(h, b, -1, dim).transpose(0, 1)
+        vs = vs.view(h, b, -1, dim).transpose(0, 1)
+        res = F.scaled_dot_product_attention(
+            q.unsqueeze(2),
+            ks,
+            vs,
+            attn_mask=d.key_mask,
+            scale=scale,
+            enable_gqa=h != q.shape[1],
+        )
+        return res.squeeze(2)

@@ -1,0 +1,95 @@
+"""NativeOps: the one Python wrapper per C++ op of one ISA's library (torch.ops.pagedllm_<isa>).
+
+Layers and tests reach the kernels only through here (by way of a backend), so an op's name,
+argument order and the contiguity it needs are written down once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from pagedllm.model_executor.ops.loader import load_library, namespace
+
+
+class NativeOps:
+    def __init__(self, isa: str) -> None:
+        self.isa = isa
+        self._ops = getattr(torch.ops, namespace(isa))
+
+    # ---- attention ----------------------------------------------------------------------------
+    def paged_attention_decode(
+        self, q, k_cache, v_cache, block_tables, seq_lens, scale: float, max_seq_len: int
+    ) -> torch.Tensor:
+        return self._ops.paged_attention_decode(
+            q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len
+        )
+
+    def paged_attention_multi(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale: float,
+        max_seq_len: int,
+        max_query_len: int,
+    ) -> torch.Tensor:
+        return self._ops.paged_attention_multi(
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            scale,
+            max_seq_len,
+            max_query_len,
+        )
+
+    def prefill_attention(self, q, k, v, starts, lens, out, scale: float) -> None:
+        self._ops.prefill_attention(q, k, v, starts, lens, out, scale)
+
+    def reshape_and_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        self._ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+
+    # ---- norms, RoPE, activation --------------------------------------------------------------
+    def rms_norm(self, x, weight, eps: float, out) -> None:
+        self._ops.rms_norm(x, weight, eps, out)
+
+    def fused_add_rms_norm(self, residual, delta, weight, eps: float, out) -> None:
+        self._ops.fused_add_rms_norm(residual, delta, weight, eps, out)
+
+    def rotary_embedding(self, positions, q, k, cos, sin) -> None:
+        self._ops.rotary_embedding(positions, q, k, cos, sin)
+
+    def silu_and_mul(self, x) -> torch.Tensor:
+        return self._ops.silu_and_mul(x)
+
+    # ---- linear -------------------------------------------------------------------------------
+    def int8_linear(self, x, w, scales) -> torch.Tensor:
+        return self._ops.int8_linear(x, w, scales)
+
+    def amx_linear(self, x, wp) -> torch.Tensor:
+        return self._ops.amx_linear(x if x.stride(1) == 1 else x.contiguous(), wp)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def argmax_rows(self, x) -> torch.Tensor:
+        return self._ops.argmax_rows(x)
+
+    def argmax_gap_rows(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._ops.argmax_gap_rows(x)
+
+    @functools.cached_property
+    def amx_supported(self) -> bool:
+        """Built with the AMX kernels, and Linux granted this process the tile state."""
+        return bool(self._ops.amx_supported())
+
+
+@functools.cache
+def native_ops(isa: str) -> NativeOps | None:
+    """The ISA's ops, or None where its library is not built or this CPU cannot run it."""
+    return NativeOps(isa) if load_library(isa) else None
