@@ -11,7 +11,6 @@ API's) are admitted first come, first served, as before.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterator
 
 from pagedllm.engine.request import Request
 
@@ -33,10 +32,6 @@ class WaitingQueue:
 
     def __bool__(self) -> bool:
         return self._len > 0
-
-    def __iter__(self) -> Iterator[Request]:
-        for queue in self._groups.values():
-            yield from queue
 
     def append(self, request: Request) -> None:
         self._groups.setdefault(request.group_id, deque()).append(request)
