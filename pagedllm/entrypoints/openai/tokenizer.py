@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import ctypes
-import ctypes.util
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -22,20 +20,12 @@ from typing import Any, TypeVar
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.llm import apply_chat_template
 from pagedllm.entrypoints.openai.errors import OpenAIError
+from pagedllm.model_executor.malloc_tuning import release_free_memory
 
 T = TypeVar("T")
 
 # Texts (and token lists) longer than this are tokenized on the bulk lane.
 LARGE_TEXT_CHARS = 32 * 1024
-
-
-def _malloc_trim() -> None:
-    """Give freed heap back to the OS (glibc only; a no-op elsewhere)."""
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 class AsyncTokenizer:
@@ -84,7 +74,7 @@ class AsyncTokenizer:
                 return fn(self._lane_tokenizer(large))
             finally:
                 if large:
-                    _malloc_trim()
+                    release_free_memory()
 
         executor = self._bulk if large else self._fast
         return await asyncio.get_running_loop().run_in_executor(executor, job)
