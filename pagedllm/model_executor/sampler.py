@@ -101,9 +101,8 @@ class Sampler:
         with no ban or penalty of its own is decided on its raw logits with the fp32 tie-break,
         exactly as in an all-greedy batch; only rows with their own bans or penalties use the
         processed logits."""
-        greedy = greedy_argmax(processed, kernels=self.kernels)
         if exact_logits is None or raw.dtype == torch.float32:
-            return greedy
+            return greedy_argmax(processed, kernels=self.kernels)
         greedy_rows = batch.temperature == 0.0
         own = torch.zeros_like(greedy_rows)
         for row, _ in batch.banned:
@@ -112,8 +111,13 @@ class Sampler:
             p = batch.penalties
             own |= (p.presence != 0) | (p.frequency != 0) | (p.repetition != 1)
         if not bool((greedy_rows & ~own).any()):
-            return greedy
-        return torch.where(own, greedy, greedy_argmax(raw, exact_logits, self.kernels))
+            return greedy_argmax(processed, kernels=self.kernels)
+        # NOTE: one pass over [B, V] where no row has bans or penalties of its own (the usual
+        # mixed batch), two only where some do.
+        tie_broken = greedy_argmax(raw, exact_logits, self.kernels)
+        if not bool(own.any()):
+            return tie_broken
+        return torch.where(own, greedy_argmax(processed, kernels=self.kernels), tie_broken)
 
     def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)
