@@ -97,12 +97,15 @@ class SpeculativeConfig:
     "ngram", prompt lookup decoding): when the last n tokens (n from prompt_lookup_max down to
     prompt_lookup_min) occurred before, the tokens that followed them are proposed as drafts and
     checked in the next forward pass, which reads the KV cache once for all of them. Greedy
-    requests only (without penalties or logprobs), where verification keeps the output exact."""
+    requests only (without penalties or logprobs), where verification keeps the output exact.
+    ``adaptive``: drafts only where they pay, by the draft cost measured while serving and each
+    request's acceptance (engine/draft_policy.py); False proposes wherever the n-grams match."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 3
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -111,6 +114,8 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"speculative_config: {name} must be an integer >= 1")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError("speculative_config: adaptive must be true or false")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config: prompt_lookup_min > prompt_lookup_max")
 

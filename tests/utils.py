@@ -119,13 +119,13 @@ def backend_names() -> list[str]:
     return [b.name for b in available_backends()]
 
 
-def get_backend(name: str, dtype: torch.dtype = torch.float32, head_dim: int = 64):
+def get_backend(name: str, dtype: torch.dtype = torch.float32):
     from pagedllm.model_executor.backends import TORCH_BACKEND
     from pagedllm.model_executor.backends.selector import native_backend
 
     if name == "torch":
         return TORCH_BACKEND
-    backend = native_backend(name, dtype, head_dim)
+    backend = native_backend(name, dtype)
     assert backend is not None, f"the {name} kernels are not built"
     return backend
 

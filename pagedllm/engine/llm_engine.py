@@ -20,6 +20,7 @@ from pagedllm.config import (
     default_kv_cache_memory,
 )
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.draft_policy import DraftPolicy
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
@@ -105,7 +106,7 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
         self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
-        proposer = None
+        proposer, draft_policy = None, None
         if self.speculative_config is not None:
             rows = (self.speculative_config.num_speculative_tokens + 1) * (
                 arch.num_heads // arch.num_kv_heads
@@ -118,7 +119,11 @@ class LLMEngine:
                     f"takes ({limit}): lower num_speculative_tokens"
                 )
             proposer = NgramProposer(self.speculative_config)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, proposer)
+            if self.speculative_config.adaptive:
+                draft_policy = DraftPolicy()
+        self.scheduler = Scheduler(
+            self.scheduler_config, self.kv_cache_manager, proposer, draft_policy
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps = 0
         logger.info(
@@ -199,8 +204,10 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        t0 = time.perf_counter()
         runner_output = self.runner.execute_model(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        seconds = time.perf_counter() - t0
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output, seconds)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pagedllm.config import SchedulerConfig
+from pagedllm.engine.draft_policy import DraftPolicy
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.request import Request, RequestStatus
@@ -52,10 +53,12 @@ class Scheduler:
         config: SchedulerConfig,
         kv_cache_manager: KVCacheManager,
         proposer: NgramProposer | None = None,
+        draft_policy: DraftPolicy | None = None,
     ) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.proposer = proposer
+        self.draft_policy = draft_policy
         self.spec_num_draft_tokens = 0
         self.spec_num_accepted_tokens = 0
         self.requests: dict[str, Request] = {}
@@ -107,7 +110,9 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
-        # 1. Running requests first: decodes, and prefills still in progress (chunked).
+        # 1. Running requests first: decodes, and prefills still in progress (chunked). A
+        # control step (see DraftPolicy) runs the decodes without their drafts.
+        control = self.draft_policy is not None and self.draft_policy.control_step()
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
@@ -116,7 +121,7 @@ class Scheduler:
                 idx += 1
                 continue
             # A decode with drafts runs them too, as far as the budget allows.
-            drafts = request.spec_token_ids[: budget - 1] if num_new == 1 else []
+            drafts = request.spec_token_ids[: budget - 1] if num_new == 1 and not control else []
             num_new += len(drafts)
             while True:
                 if self.kv_cache_manager.allocate_slots(request, num_new) is not None:
@@ -171,8 +176,14 @@ class Scheduler:
         return out
 
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+        self,
+        scheduler_output: SchedulerOutput,
+        runner_output: ModelRunnerOutput,
+        step_seconds: float | None = None,
     ) -> list[EngineCoreOutput]:
+        """``step_seconds``: how long the model ran the step (the draft policy's measure)."""
+        if self.draft_policy is not None and step_seconds is not None:
+            self._observe_step(scheduler_output, step_seconds)
         outputs = []
         for sched in scheduler_output.scheduled:
             request = self.requests.get(sched.req_id)
@@ -191,6 +202,8 @@ class Scheduler:
             self.spec_num_accepted_tokens += num_accepted
             if self.proposer is not None:
                 self.proposer.observe(request.req_id, num_drafts, num_accepted)
+            if self.draft_policy is not None:
+                self.draft_policy.observe_request(request.req_id, num_drafts, num_accepted)
             new = []
             for tok in tokens:
                 request.append_output_token(tok.token_id)
@@ -245,9 +258,22 @@ class Scheduler:
             spec_token_ids=drafts,
         )
 
+    def _observe_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
+        assert self.draft_policy is not None
+        decodes = drafts = prefill = 0
+        for s in scheduler_output.scheduled:
+            num_drafts = len(s.spec_token_ids)
+            if s.num_tokens - num_drafts == 1 and s.needs_sample:
+                decodes += 1
+                drafts += num_drafts
+            else:
+                prefill += s.num_tokens
+        self.draft_policy.observe_step(decodes, drafts, prefill, seconds)
+
     def _propose(self, request: Request) -> list[int]:
         """Drafts for the next step: greedy requests without penalties or logprobs only, where
-        checking a draft is comparing it with the argmax."""
+        checking a draft is comparing it with the argmax, and where the draft policy finds
+        they pay."""
         params = request.sampling_params
         if (
             self.proposer is None
@@ -257,12 +283,17 @@ class Scheduler:
             or params.logprobs is not None
         ):
             return []
+        limit = None
+        if self.draft_policy is not None:
+            limit = self.draft_policy.max_drafts(request.req_id)
+            if limit == 0:
+                return []
         # The drafts and the token sampled after them must fit max_tokens and max_model_len.
         room = min(
             request.max_tokens - request.num_output_tokens,
             self.config.max_model_len - request.num_tokens,
         )
-        return self.proposer.propose(request, room - 1)
+        return self.proposer.propose(request, room - 1 if limit is None else min(limit, room - 1))
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
@@ -277,6 +308,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         if self.proposer is not None:
             self.proposer.drop(request.req_id)
+        if self.draft_policy is not None:
+            self.draft_policy.drop(request.req_id)
         self.finished_req_ids.add(request.req_id)
         del self.requests[request.req_id]
 

@@ -10,7 +10,13 @@ from pagedllm.sampling_params import SamplingParams
 from tests.engine.test_llm_engine import make_engine, prompts, run_all
 from tests.utils import assert_no_leak, backend_names
 
-NGRAM = {"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# Drafts wherever the n-grams match (the draft policy has its own tests: test_draft_policy.py).
+NGRAM = {
+    "num_speculative_tokens": 4,
+    "prompt_lookup_min": 1,
+    "prompt_lookup_max": 3,
+    "adaptive": False,
+}
 
 
 def looping_prompts(n: int) -> list[list[int]]:

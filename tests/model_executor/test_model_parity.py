@@ -55,7 +55,7 @@ def _runner(
         torch.device("cpu"),
         kv_cache_dtype,
         block_size=block_size,
-        backend=get_backend(backend, torch.float32, arch.head_dim),
+        backend=get_backend(backend, torch.float32),
     )
     runner.load_weights(iter_weights(source))
     runner.allocate_kv_cache(num_blocks, block_size)

@@ -57,7 +57,7 @@ def _attention(ops):
     """The attention backend on ``ops``' kernels, or the torch one for ``ops=None``."""
     if ops is None:
         return TORCH_BACKEND.attention
-    return NativeAttentionBackend(ops, torch.float32, 64)
+    return NativeAttentionBackend(ops, torch.float32)
 
 
 def _int8_cache(kc, vc, ops):

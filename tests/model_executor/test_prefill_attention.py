@@ -1,8 +1,9 @@
-"""The AMX prefill kernel (ops/csrc/x86/amx/prefill_attention.cpp) == causal attention in fp32
-to bf16 accuracy, for ragged sequences at any offset of the batch, GQA, and views of a fused QKV
-projection; rows outside the listed sequences are left alone. The kernel runs only where the CPU
-has AMX (the ``amx_ops`` cases); every backend's prefill path (the kernel, or SDPA) is checked
-on a mixed fresh + cached batch wherever it runs."""
+"""The prefill kernel (ops/csrc/generic/prefill_attention.cpp; in bf16 with head_dim 64 on an AMX
+CPU, x86/amx/amx_prefill_attention.cpp) == causal attention in fp32, to fp32 or bf16 accuracy,
+for ragged sequences at any offset of the batch, GQA, head sizes around its register tiles, and
+views of a fused QKV projection; rows outside the listed sequences are left alone. It runs for
+every ISA this CPU executes (the ``ops`` fixture), and every backend's prefill path (the kernel,
+or SDPA) is checked on a mixed fresh + cached batch."""
 
 from __future__ import annotations
 
@@ -11,25 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata, PrefillSeq
-from pagedllm.model_executor.ops import native_ops
-from tests.utils import backend_names, get_backend, native_isa_names
-
-
-@pytest.fixture(params=[isa for isa in native_isa_names() if isa == "amx"])
-def amx_ops(request):
-    """The amx ISA's kernels: only on a CPU with AMX (elsewhere no case runs)."""
-    return native_ops(request.param)
-
+from tests.utils import backend_names, get_backend
 
 D = 64
 
 
-def fused_qkv(tokens: int, heads: int, kv_heads: int, seed: int = 0):
+def fused_qkv(tokens, heads, kv_heads, seed=0, dtype=torch.bfloat16, dim=D):
     """q, k, v as the model has them: views of one [T, (H + 2 Hkv) * D] projection."""
     torch.manual_seed(seed)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * D).to(torch.bfloat16)
-    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
-    return q.view(tokens, heads, D), k.view(tokens, kv_heads, D), v.view(tokens, kv_heads, D)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return (
+        q.view(tokens, heads, dim),
+        k.view(tokens, kv_heads, dim),
+        v.view(tokens, kv_heads, dim),
+    )
 
 
 def causal_fp32(q, k, v, scale):
@@ -45,24 +42,40 @@ def causal_fp32(q, k, v, scale):
     return res.transpose(0, 1)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-def test_matches_fp32_attention_for_ragged_sequences(amx_ops, heads, kv_heads):
-    # lengths around the 16-row and 32-key tiles; a gap of 5 rows between sequences
-    lens = [1, 15, 16, 17, 31, 32, 33, 100, 257]
+@pytest.mark.parametrize(
+    "dtype,heads,kv_heads,dim",
+    [
+        (torch.bfloat16, 9, 3, 64),
+        (torch.bfloat16, 4, 4, 64),
+        (torch.bfloat16, 8, 1, 64),
+        (torch.float32, 9, 3, 64),
+        (torch.float32, 8, 1, 64),
+        (torch.float32, 2, 1, 80),  # 80 dims: a partial value tile
+        (torch.bfloat16, 2, 2, 128),
+        (torch.float32, 2, 1, 16),
+    ],
+)
+def test_matches_fp32_attention_for_ragged_sequences(ops, dtype, heads, kv_heads, dim):
+    # lengths around the 16-row tasks, the 8/16-key blocks and the 4-block score tiles; a gap
+    # of 5 rows between sequences
+    lens = [1, 7, 15, 16, 17, 31, 32, 33, 63, 65, 100, 257]
     starts, pos = [], 3
     for n in lens:
         starts.append(pos)
         pos += n + 5
-    q, k, v = fused_qkv(pos, heads, kv_heads)
-    scale = D**-0.5
-    out = torch.full((pos, heads, D), 7.0, dtype=torch.bfloat16)
-    amx_ops.prefill_attention(q, k, v, torch.tensor(starts), torch.tensor(lens), out, scale)
+    q, k, v = fused_qkv(pos, heads, kv_heads, dtype=dtype, dim=dim)
+    scale = dim**-0.5
+    out = torch.full((pos, heads, dim), 7.0, dtype=dtype)
+    ops.prefill_attention(q, k, v, torch.tensor(starts), torch.tensor(lens), out, scale)
     covered = torch.zeros(pos, dtype=torch.bool)
     for s, n in zip(starts, lens):
         rows = slice(s, s + n)
         covered[rows] = True
         want = causal_fp32(q[rows], k[rows], v[rows], scale)
-        got = out[rows].float()
+        err = (out[rows].float() - want).abs().max().item()
+        if dtype == torch.float32:
+            assert err < 1e-4, (n, err)
+            continue
         # bf16 SDPA's own error against fp32, as the yardstick
         sdpa = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),
@@ -73,16 +86,15 @@ def test_matches_fp32_attention_for_ragged_sequences(amx_ops, heads, kv_heads):
             enable_gqa=heads != kv_heads,
         )[0].transpose(0, 1)
         sdpa_err = (sdpa.float() - want).abs().max().item()
-        err = (got - want).abs().max().item()
         assert err <= max(2 * sdpa_err, 1e-2), (n, err, sdpa_err)
     assert (out[~covered] == 7.0).all(), "rows outside the sequences were written"
 
 
 @pytest.mark.parametrize("backend", backend_names())
 def test_fresh_and_cached_prefills_in_one_batch(backend):
-    """A batch with a fresh prefill (on AMX the kernel, else SDPA) and one whose first 16 tokens
-    are cached (SDPA over the gathered blocks) gives both sequences their attention over all
-    their keys."""
+    """A batch with a fresh prefill (the kernel on a native backend, else SDPA) and one whose
+    first 16 tokens are cached (SDPA over the gathered blocks) gives both sequences their
+    attention over all their keys."""
     heads, kv_heads, bs = 9, 3, 16
     q, k, v = fused_qkv(40 + 24, heads, kv_heads, seed=1)
     # sequence B: 16 cached tokens (block 2) + 24 new ones (blocks 3, 4)
@@ -105,7 +117,7 @@ def test_fresh_and_cached_prefills_in_one_batch(backend):
         prefills=[PrefillSeq(0, 40, 0, None, None), PrefillSeq(40, 24, 16, table, mask)],
         fresh_prefills=(torch.tensor([0]), torch.tensor([40])),
     )
-    attention = get_backend(backend, torch.bfloat16, D).attention
+    attention = get_backend(backend, torch.bfloat16).attention
     out = attention.forward(q, k, v, k_cache, v_cache, meta, D**-0.5)
     want_a = causal_fp32(q[:40], k[:40], v[:40], D**-0.5)
     torch.testing.assert_close(out[:40].float(), want_a, atol=2e-2, rtol=0)
@@ -120,10 +132,16 @@ def test_fresh_and_cached_prefills_in_one_batch(backend):
     torch.testing.assert_close(out[40:].float(), full, atol=2e-2, rtol=0)
 
 
-def test_rejects_what_it_cannot_run(amx_ops):
+def test_rejects_what_it_cannot_run(ops):
     q, k, v = fused_qkv(8, 4, 4)
     out = torch.empty(8, 4, D, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="bf16 only"):
-        amx_ops.prefill_attention(q.float(), k, v, torch.tensor([0]), torch.tensor([8]), out, 0.1)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ops.prefill_attention(q.float(), k, v, torch.tensor([0]), torch.tensor([8]), out, 0.1)
+    with pytest.raises(RuntimeError, match="fp32 or bf16 only"):
+        ops.prefill_attention(q.half(), k, v, torch.tensor([0]), torch.tensor([8]), out, 0.1)
     with pytest.raises(RuntimeError, match="out of range"):
-        amx_ops.prefill_attention(q, k, v, torch.tensor([4]), torch.tensor([8]), out, 0.1)
+        ops.prefill_attention(q, k, v, torch.tensor([4]), torch.tensor([8]), out, 0.1)
+    q48, k48, v48 = fused_qkv(8, 2, 2, dim=48)
+    out48 = torch.empty(8, 2, 48, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head_dim 48"):
+        ops.prefill_attention(q48, k48, v48, torch.tensor([0]), torch.tensor([8]), out48, 0.1)

@@ -36,5 +36,5 @@ class AttentionMetadata:
     decode: DecodeMetadata | None
     prefills: list[PrefillSeq]
     # The prefills with nothing cached (start_pos == 0) as (token_start, num_tokens) int64
-    # tensors, for a backend's fresh-prefill kernel (x86/amx/prefill_attention.cpp).
+    # tensors, for a backend's fresh-prefill kernel (generic/prefill_attention.cpp).
     fresh_prefills: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -3,8 +3,9 @@
   * decodes: one call of the decode kernel, reading K/V in place through the block tables;
   * decodes with drafts: the verify (multi-query) kernel, which reads each block once for all
     of a sequence's query tokens; on AMX its bf16 / head_dim 64 products run on tiles;
-  * fresh prefills: on AMX in bf16 with head_dim 64, one call of the AMX prefill kernel; else,
-    and for prefills over cached blocks, torch SDPA as in TorchAttentionBackend.
+  * fresh prefills (nothing cached before them), fp32 or bf16: one call of the prefill kernel
+    (on the ISA's vector units; on AMX in bf16 with head_dim 64, on tiles); prefills over
+    cached blocks, and fp16, run torch SDPA as in TorchAttentionBackend.
 
 Its limits are the kernels' own, declared here next to the code that calls them.
 """
@@ -22,20 +23,18 @@ HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 # Query rows of one (sequence, kv head) the verify kernel holds (kMaxRows,
 # generic/paged_attention_multi.cpp): (drafts + 1) x query heads per kv head.
 MAX_VERIFY_ROWS = 64
-# The AMX prefill kernel's one shape (x86/amx/prefill_attention.cpp).
-AMX_PREFILL_HEAD_DIM = 64
+# dtypes of the prefill kernel (generic/prefill_attention.cpp; head sizes: HEAD_DIMS).
+PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class NativeAttentionBackend(TorchAttentionBackend):
     reads_cache_in_place = True
     max_verify_rows = MAX_VERIFY_ROWS
 
-    def __init__(self, ops: NativeOps, dtype: torch.dtype, head_dim: int) -> None:
+    def __init__(self, ops: NativeOps, dtype: torch.dtype) -> None:
         self.ops = ops
         self.name = ops.isa
-        self.amx_prefill = (
-            dtype == torch.bfloat16 and head_dim == AMX_PREFILL_HEAD_DIM and ops.amx_supported
-        )
+        self.prefill_dtype = dtype if dtype in PREFILL_DTYPES else None
 
     def supports(self, head_dim: int, block_size: int, int8_cache: bool) -> bool:
         if int8_cache and (block_size % 16 or head_dim % 16):
@@ -46,7 +45,7 @@ class NativeAttentionBackend(TorchAttentionBackend):
         return not int8_cache and block_size % 16 == 0
 
     def describe(self) -> str:
-        prefill = "AMX kernel" if self.amx_prefill else "torch SDPA"
+        prefill = "the prefill kernel" if self.prefill_dtype else "torch SDPA"
         return f"{self.name} decode/verify kernels, fresh prefills on {prefill}"
 
     def write_kv(self, k_cache, v_cache, k, v, slots) -> None:
@@ -67,7 +66,7 @@ class NativeAttentionBackend(TorchAttentionBackend):
         out: torch.Tensor,
         scale: float,
     ) -> bool:
-        if not (self.amx_prefill and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16):
+        if self.prefill_dtype is None or not q.dtype == k.dtype == self.prefill_dtype:
             return False
         assert meta.fresh_prefills is not None
         starts, lens = meta.fresh_prefills

@@ -25,22 +25,22 @@ logger = logging.getLogger(__name__)
 CPU_ISA_CHOICES = ("auto", *ISAS, "torch")
 
 
-def native_backend(isa: str, dtype: torch.dtype, head_dim: int) -> Backend | None:
+def native_backend(isa: str, dtype: torch.dtype) -> Backend | None:
     """The backend on ``isa``'s kernels, or None where they are not built or cannot run here."""
     ops = native_ops(isa)
     if ops is None:
         return None
     return Backend(
         isa,
-        NativeAttentionBackend(ops, dtype, head_dim),
+        NativeAttentionBackend(ops, dtype),
         NativeLinearBackend(ops),
         NativeKernels(ops),
     )
 
 
-def available_backends(dtype: torch.dtype = torch.float32, head_dim: int = 64) -> list[Backend]:
+def available_backends(dtype: torch.dtype = torch.float32) -> list[Backend]:
     """Every backend this machine can run, best first, the torch one last (for tests)."""
-    found = [native_backend(isa, dtype, head_dim) for isa in runnable_isas()]
+    found = [native_backend(isa, dtype) for isa in runnable_isas()]
     return [b for b in found if b is not None] + [TORCH_BACKEND]
 
 
@@ -57,7 +57,7 @@ def select_backend(
     device and ``isa`` (default: PAGEDLLM_CPU_ISA) allow; either way with torch attention where
     its attention kernels cannot take the model's shapes."""
     if backend is None:
-        backend = _pick(device, dtype, head_dim, envs.cpu_isa() if isa is None else isa)
+        backend = _pick(device, dtype, envs.cpu_isa() if isa is None else isa)
     if not backend.attention.supports(head_dim, block_size, int8_cache):
         logger.warning(
             "the %s attention kernels do not take head_dim %d with block size %d%s: attention "
@@ -72,7 +72,7 @@ def select_backend(
     return backend
 
 
-def _pick(device: torch.device, dtype: torch.dtype, head_dim: int, isa: str) -> Backend:
+def _pick(device: torch.device, dtype: torch.dtype, isa: str) -> Backend:
     if isa not in CPU_ISA_CHOICES:
         raise ValueError(f"PAGEDLLM_CPU_ISA must be one of {', '.join(CPU_ISA_CHOICES)}: {isa!r}")
     backend = TORCH_BACKEND
@@ -87,7 +87,7 @@ def _pick(device: torch.device, dtype: torch.dtype, head_dim: int, isa: str) -> 
                 f"{', '.join(runnable_isas()) or 'none'}, and torch)"
             )
         for name in candidates:
-            found = native_backend(name, dtype, head_dim)
+            found = native_backend(name, dtype)
             if found is not None:
                 backend = found
                 break

@@ -30,9 +30,10 @@ SOURCES = (
     "generic/paged_attention.cpp",
     "generic/paged_attention_multi.cpp",
     "generic/fused_ops.cpp",
+    "generic/prefill_attention.cpp",
     "generic/argmax.cpp",
     "generic/int8_linear.cpp",
-    "x86/amx/prefill_attention.cpp",
+    "x86/amx/amx_prefill_attention.cpp",
     "x86/amx/amx_linear.cpp",
 )
 # -fno-trapping-math lets float->int conversions vectorize (the kernels' exp); no FP traps are used.

@@ -4,7 +4,8 @@
 #include "x86/amx/amx.h"
 
 PAGEDLLM_LIBRARY(m) {
-  // Attention (generic/paged_attention*.cpp, x86/amx/prefill_attention.cpp).
+  // Attention (generic/paged_attention*.cpp, generic/prefill_attention.cpp; on AMX
+  // x86/amx/amx_prefill_attention.cpp).
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale, int max_seq_len) -> Tensor");

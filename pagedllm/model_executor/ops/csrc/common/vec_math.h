@@ -87,15 +87,44 @@ inline v16f load16(const int8_t* p) {
 
 inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 
-// exp_approx on 16 lanes (the same clamping and polynomial).
-inline v16f exp16(v16f x) {
-  x = x < -87.0f ? v16f{} - 87.0f : x;
-  x = x > 88.0f ? v16f{} + 88.0f : x;
-  const v16f t = x * 1.4426950408889634f;
-  const v16i ti = __builtin_convertvector(t, v16i);
-  const v16i ii = ti + (t < __builtin_convertvector(ti, v16f));  // floor: true lanes are -1
-  const v16i bits = (ii + 127) << 23;
-  return exp2_fraction(t - __builtin_convertvector(ii, v16f)) * reinterpret_cast<v16f>(bits);
+// exp_approx on a vector of floats (the same clamping and polynomial); VI: ints of its width.
+template <typename VF, typename VI>
+inline VF exp_vec(VF x) {
+  x = x < -87.0f ? VF{} - 87.0f : x;
+  x = x > 88.0f ? VF{} + 88.0f : x;
+  const VF t = x * 1.4426950408889634f;
+  const VI ti = __builtin_convertvector(t, VI);
+  const VI ii = ti + (t < __builtin_convertvector(ti, VF));  // floor: true lanes are -1
+  const VI bits = (ii + 127) << 23;
+  return exp2_fraction(t - __builtin_convertvector(ii, VF)) * reinterpret_cast<VF>(bits);
 }
+
+inline v16f exp16(v16f x) { return exp_vec<v16f, v16i>(x); }
+
+// The ISA's own register width: 16 lanes on AVX-512, 8 on AVX2. A kernel whose register tiles
+// hold many accumulators needs it: v16f is two ymm on AVX2, and tiles of v16f spill there (the
+// prefill kernel ran at 5.5 GFLOP/s on AVX2 with v16f tiles).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float vnf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vni __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vnu16 __attribute__((vector_size(2 * kLanes)));
+typedef uint32_t vnu32 __attribute__((vector_size(4 * kLanes)));
+
+inline vnf loadn(const float* p) {
+  vnf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vnf loadn(const c10::BFloat16* p) {
+  vnu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<vnf>(__builtin_convertvector(h, vnu32) << 16);
+}
+inline void storen(float* p, vnf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vnf expn(vnf x) { return exp_vec<vnf, vni>(x); }
 
 }  // namespace pagedllm

@@ -10,9 +10,9 @@
 //                                        as two bf16 parts (see split_store in amx.h)
 //
 // The whole score row fits in a buffer (n <= the sequence length), so the softmax is exact and
-// O needs no rescaling. Only head_dim 64 and bf16; callers check `amx_supported`.
+// O needs no rescaling. Only head_dim 64 and bf16: the op (generic/prefill_attention.cpp) checks
+// its inputs and calls this first, and runs its vector kernel where this declines.
 #include <ATen/ATen.h>
-#include "common/registration.h"
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/prefill_seqs.h"
 #include "x86/amx/amx.h"
 
 #ifdef PAGEDLLM_AMX
@@ -172,43 +173,27 @@ void prefill_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 #endif  // PAGEDLLM_AMX
 
-// q [T, Hq, 64], k/v [T, Hkv, 64] bf16 (rows of several sequences, heads contiguous);
-// sequence i is rows starts[i] .. starts[i] + lens[i]; writes those rows of out [T, Hq, 64].
-void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& starts, const at::Tensor& lens, at::Tensor& out,
-                       double scale) {
-  TORCH_CHECK(pagedllm::amx_supported(), "prefill_attention needs AMX-BF16");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                  v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
-              "prefill_attention: bf16 only");
-  TORCH_CHECK(q.dim() == 3 && q.size(2) == kDim && k.size(2) == kDim && v.sizes() == k.sizes() &&
-                  out.sizes() == q.sizes() && k.size(0) == q.size(0),
-              "prefill_attention: q/out [T, Hq, 64], k/v [T, Hkv, 64]");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
-  for (const at::Tensor* t : {&q, &k, &v, static_cast<const at::Tensor*>(&out)})
-    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == kDim, "heads must be contiguous");
-  TORCH_CHECK(k.stride(0) == v.stride(0), "k and v must share a row stride");
-  TORCH_CHECK(starts.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
-                  starts.numel() == lens.numel(), "starts and lens: int64, one per sequence");
+}  // namespace
+
+namespace pagedllm {
+
+bool prefill_attention_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::vector<PrefillSeq>& seqs, at::Tensor& out, float scale) {
 #ifdef PAGEDLLM_AMX
-  auto st = starts.contiguous();
-  auto ln = lens.contiguous();
-  std::vector<Seq> seqs;
+  if (!amx_usable() || q.scalar_type() != at::kBFloat16 || q.size(2) != kDim) return false;
+  std::vector<Seq> tiled;
   int64_t buf = 0;
-  for (int64_t i = 0; i < st.numel(); ++i) {
-    const int64_t s = st.data_ptr<int64_t>()[i], len = ln.data_ptr<int64_t>()[i];
-    TORCH_CHECK(s >= 0 && len >= 0 && s + len <= q.size(0), "sequence rows out of range");
-    if (len == 0) continue;
-    const int64_t padded = (len + 31) / 32 * 32;
-    seqs.push_back({s, len, padded, buf});
+  for (const PrefillSeq& s : seqs) {
+    const int64_t padded = (s.len + 31) / 32 * 32;
+    tiled.push_back({s.start, s.len, padded, buf});
     buf += padded * k.size(1) * kDim;
   }
-  if (!seqs.empty()) prefill_amx(q, k, v, seqs, out, static_cast<float>(scale));
+  if (!tiled.empty()) prefill_amx(q, k, v, tiled, out, scale);
+  return true;
+#else
+  (void)q, (void)k, (void)v, (void)seqs, (void)out, (void)scale;
+  return false;
 #endif
 }
 
-}  // namespace
-
-PAGEDLLM_IMPL(m) {
-  m.impl("prefill_attention", &prefill_attention);
-}
+}  // namespace pagedllm
