@@ -6,9 +6,10 @@
     fixed      n-gram drafts wherever they match ({"adaptive": false})
     wrong      the policy over a proposer whose drafts never match (random tokens)
 
-each mode run --repeats times, interleaved (off, adaptive, ... then again), medians reported
-with each mode's ratio to ``off``, the drafts proposed and accepted, and the policy's measured
-relative cost of a draft row.
+each mode run --repeats times, interleaved (off, adaptive, ... then again), each run in a
+fresh process (engines built one after another in one process ran later ones up to 10% slower),
+medians reported with each mode's ratio to ``off``, the drafts proposed and accepted, and the
+policy's measured relative cost of a draft row.
 
   .venv/bin/python benchmarks/spec_decode_adaptive.py --dataset ../shared/peers/workload.jsonl \\
       --max-model-len 2048 [--dtype float32] [--modes off,adaptive,wrong] [--repeats 2]
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -90,15 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--modes", default="off,adaptive,fixed,wrong")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--one-mode", default=None, help=argparse.SUPPRESS)  # a child run
     add_engine_args(parser)
     args = parser.parse_args(argv)
-    engine_args = engine_args_from_namespace(args)
-    requests = load_jsonl_dataset(args.dataset, args.num_prompts)
+    if args.one_mode:
+        requests = load_jsonl_dataset(args.dataset, args.num_prompts)
+        print(json.dumps(run(args.one_mode, engine_args_from_namespace(args), requests)))
+        return 0
+    argv = sys.argv[1:] if argv is None else argv
     modes = args.modes.split(",")
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeats):
         for mode in modes:
-            res = run(mode, engine_args, requests)
+            child = [sys.executable, os.path.abspath(__file__), *argv, "--one-mode", mode]
+            done = subprocess.run(child, capture_output=True, text=True, check=True)
+            res = json.loads(done.stdout.strip().splitlines()[-1])
             results[mode].append(res)
             print(mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
     base = statistics.median(r["tok_s"] for r in results.get("off", [])) if "off" in modes else 0

@@ -3,15 +3,20 @@
 A draft row costs a row of every matmul and of the verify kernel, and buys a token only when
 the model agrees with it. What it costs next to a plain decode token depends on the CPU (the
 AMX verify kernel is ~2.5x cheaper than the FMA one on AVX-512), the batch and the context, so
-it is measured while serving, not assumed. Every PROBE_INTERVAL steps, right after a
-decode-only step with drafts, the scheduler runs one control step: the same requests, no
-drafts. The pair gives a sample of the relative cost of a draft row,
+it is measured while serving, not assumed. Right after a decode-only step with drafts, every
+2 steps until MIN_SAMPLES samples, then every PROBE_INTERVAL, and every SETTLED_INTERVAL once
+the estimate has its SAMPLES (a control step forgoes a step's drafts: ~4% of the shared
+workload's throughput at one in 20 steps), the scheduler runs one control step: the same
+requests, no drafts. The pair gives a sample of the relative cost of a draft row,
 
     r = (t_with_drafts - t_control) / num_drafts  /  (t_control / num_decodes),
 
-and the median of the last SAMPLES samples is the policy's estimate. A draft pays when the
+and the median of the last SAMPLES samples is the policy's estimate (PRIOR_COST until there
+are MIN_SAMPLES: the prompts' prefill steps give no pairs). A draft pays when the
 chance that it is accepted exceeds r. Each request keeps its own acceptance (accepted per
-drafted, a running average); while it is below r the request proposes nothing for 2, 4, 8, ...
+drafted, a running average); while it is below GATE x r (samples of r scatter by +-0.3 on a
+noisy 2-core machine, and drafts near break-even cost little either way) the request proposes
+nothing for 2, 4, 8, ...
 up to MAX_PAUSE steps, then tries one draft, and the full k again once one is accepted. A new
 request starts from the population: where the requests' acceptance so far is below r it starts
 paused (NEW_LEVEL). So drafts that never pay cost a draft row per ~MAX_PAUSE steps, and drafts
@@ -23,9 +28,12 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-PROBE_INTERVAL = 20  # steps between control steps
+PROBE_INTERVAL = 20  # steps between control steps, until SAMPLES samples
+SETTLED_INTERVAL = 200  # then
 SAMPLES = 9  # control-step samples the estimate is the median of
-MIN_SAMPLES = 3  # before these, drafts are not gated
+MIN_SAMPLES = 3  # before these, the gate assumes PRIOR_COST
+PRIOR_COST = 0.3  # a draft row in plain tokens, before it is measured
+GATE = 0.5  # drafts stop below this fraction of break-even
 MAX_PAUSE = 128  # steps
 ACCEPTANCE_WEIGHT = 0.5  # of the newest outcome in a request's running acceptance
 POPULATION_WEIGHT = 0.05  # of the newest outcome in all requests' running acceptance
@@ -57,6 +65,12 @@ class DraftPolicy:
         if len(self.samples) < MIN_SAMPLES:
             return None
         return max(0.0, statistics.median(self.samples))
+
+    @property
+    def threshold(self) -> float:
+        """The acceptance below which a request's drafts stop (GATE x break-even)."""
+        cost = self.relative_cost
+        return GATE * (PRIOR_COST if cost is None else cost)
 
     # ---- steps -------------------------------------------------------------------------------
     def control_step(self) -> bool:
@@ -90,8 +104,7 @@ class DraftPolicy:
         state = self.requests.get(req_id)
         if state is None:
             state = self.requests[req_id] = _RequestState()
-            cost = self.relative_cost
-            if cost is not None and self.acceptance is not None and self.acceptance < cost:
+            if self.acceptance is not None and self.acceptance < self.threshold:
                 state.level, state.pause = NEW_LEVEL, 2**NEW_LEVEL
         if state.pause > 0:
             state.pause -= 1
@@ -111,8 +124,7 @@ class DraftPolicy:
             state.acceptance = rate
         else:
             state.acceptance += ACCEPTANCE_WEIGHT * (rate - state.acceptance)
-        cost = self.relative_cost
-        if cost is not None and state.acceptance < cost and not (state.level and num_accepted):
+        if state.acceptance < self.threshold and not (state.level and num_accepted):
             state.level += 1
             state.pause = min(MAX_PAUSE, 2**state.level)
         else:  # paying, or the one draft tried after a pause was accepted

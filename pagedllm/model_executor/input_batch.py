@@ -75,7 +75,8 @@ def build_inputs(
     def is_prefill(s: ScheduledRequest) -> bool:
         return s.num_tokens - (len(s.spec_token_ids) if multi else 0) > 1
 
-    requests = sorted(scheduled, key=is_prefill)  # stable: decodes first
+    # Stable: decodes first (those without drafts, then those with), then prefills.
+    requests = sorted(scheduled, key=lambda s: (is_prefill(s), bool(s.spec_token_ids)))
     n = len(requests)
     q_lens = np.fromiter((s.num_tokens for s in requests), dtype=np.int64, count=n)
     starts = np.fromiter((s.start_pos for s in requests), dtype=np.int64, count=n)
@@ -151,7 +152,8 @@ def _decode_meta(table, seq_lens, query_start, block_size, to, in_place: bool) -
     if not in_place:  # the backend gathers the blocks: mask the keys past each length
         keys = np.arange(nb * block_size)[None, :] < seq_lens[:, None]
         mask = to(keys[:, None, None, :])
-    max_query_len = int(np.diff(query_start).max())
+    q_lens = np.diff(query_start)
+    max_query_len = int(q_lens.max())
     return DecodeMetadata(
         num_tokens=int(query_start[-1]),
         block_tables=to(table[:, :nb]),
@@ -160,6 +162,7 @@ def _decode_meta(table, seq_lens, query_start, block_size, to, in_place: bool) -
         key_mask=mask,
         query_start_loc=to(query_start) if max_query_len > 1 else None,
         max_query_len=max_query_len,
+        num_single=int(np.argmax(q_lens > 1)) if max_query_len > 1 else len(q_lens),
     )
 
 

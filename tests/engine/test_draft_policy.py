@@ -58,7 +58,7 @@ def test_requests_whose_drafts_do_not_pay_pause_with_doubling_pauses():
     for _ in range(dp.MIN_SAMPLES):
         measure(policy, cost=0.5)
     assert policy.max_drafts("low") is None  # a new request, nothing known yet: no limit
-    policy.observe_request("low", 4, 1)  # 25% accepted < 0.5: pause 2 steps, then try one
+    policy.observe_request("low", 4, 0)  # none accepted, below half of 0.5: pause 2, try one
     assert [policy.max_drafts("low") for _ in range(3)] == [0, 0, 1]
     policy.observe_request("low", 1, 0)  # still low: 4 steps
     assert [policy.max_drafts("low") for _ in range(5)] == [0] * 4 + [1]
@@ -76,10 +76,19 @@ def test_requests_whose_drafts_do_not_pay_pause_with_doubling_pauses():
     cheap = DraftPolicy()
     for _ in range(dp.MIN_SAMPLES):
         measure(cheap, cost=0.05)
-    cheap.observe_request("low", 4, 1)
+    cheap.observe_request("low", 8, 1)
     assert cheap.max_drafts("low") is None
     cheap.drop("low")
     assert "low" not in cheap.requests
+
+
+def test_before_the_cost_is_measured_the_gate_assumes_the_prior():
+    policy = DraftPolicy()
+    assert policy.relative_cost is None and policy.threshold == dp.GATE * dp.PRIOR_COST
+    policy.observe_request("a", 4, 0)  # drafts that fail from the first step pause at once
+    assert policy.max_drafts("a") == 0
+    policy.observe_request("b", 4, 3)
+    assert policy.max_drafts("b") is None
 
 
 def test_new_requests_start_paused_where_the_population_s_drafts_do_not_pay():

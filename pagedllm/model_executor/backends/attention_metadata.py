@@ -19,6 +19,9 @@ class DecodeMetadata:
     # drafts, the last positions of its seq_len), for a backend's verify kernel.
     query_start_loc: torch.Tensor | None = None
     max_query_len: int = 1
+    # The sequences without drafts, first (one query row each): a backend may run them on its
+    # decode kernel and only the rest on the verify kernel.
+    num_single: int = 0
 
 
 @dataclass

@@ -81,18 +81,27 @@ class NativeAttentionBackend(TorchAttentionBackend):
         d: DecodeMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if d.query_start_loc is not None:
-            return self.ops.paged_attention_multi(
-                q,
-                k_cache,
-                v_cache,
-                d.block_tables,
-                d.seq_lens,
-                d.query_start_loc,
-                scale,
-                d.max_seq_len,
-                d.max_query_len,
+        if d.query_start_loc is None:
+            return self.ops.paged_attention_decode(
+                q, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len
             )
-        return self.ops.paged_attention_decode(
-            q, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len
+        # Sequences without drafts on the decode kernel: the verify kernel pads each
+        # sequence's rows to its 8-row score tiles, ~2.7x the work for one query x 3 heads.
+        s = d.num_single
+        multi = self.ops.paged_attention_multi(
+            q[s:],
+            k_cache,
+            v_cache,
+            d.block_tables[s:],
+            d.seq_lens[s:],
+            d.query_start_loc[s:] - s,
+            scale,
+            d.max_seq_len,
+            d.max_query_len,
         )
+        if s == 0:
+            return multi
+        single = self.ops.paged_attention_decode(
+            q[:s], k_cache, v_cache, d.block_tables[:s], d.seq_lens[:s], scale, d.max_seq_len
+        )
+        return torch.cat([single, multi])
