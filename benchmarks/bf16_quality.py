@@ -22,7 +22,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.model_executor.backends import linear
-from pagedllm.scheduler_output import ScheduledRequest, SchedulerOutput
+from pagedllm.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -41,12 +41,16 @@ def prompt_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
     engine = llm.engine
     bs = engine.args.block_size
     blocks = list(range(-(-len(ids) // bs)))
-    logits = []
-    for start, chunk in ((0, ids[:1]), (1, ids[1:])):
-        sched = SchedulerOutput(
-            [ScheduledRequest("q", chunk, start, blocks, True, SamplingParams())]
-        )
-        logits.append(engine.runner.forward_logits(sched, all_positions=True)[1])
+    new = NewRequestData("q", ids, [], SamplingParams(), blocks, 0)
+    steps = [  # the first token, then the rest: both the one-row and the many-row paths
+        SchedulerOutput(new_requests=[new], num_scheduled_tokens={"q": 1}),
+        SchedulerOutput(
+            cached_requests=[CachedRequestData("q", [], [], 1)],
+            num_scheduled_tokens={"q": len(ids) - 1},
+        ),
+    ]
+    logits = [engine.runner.forward_logits(step, all_positions=True)[1] for step in steps]
+    engine.runner.requests.update(SchedulerOutput(finished_req_ids={"q"}))
     return torch.log_softmax(torch.cat(logits).float(), dim=-1)
 
 

@@ -54,9 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def is_decode(scheduled: Any) -> bool:
-    """One generated token's KV (a prompt's last 1-token chunk is prefill)."""
-    return scheduled.num_tokens == 1 and scheduled.start_pos >= len(scheduled.prompt_token_ids)
+def decode_context(out: Any) -> int:
+    """Context tokens the step's decodes read (one new token each, drafts aside; a prompt's
+    last chunk of one token counts too, a negligible overcount)."""
+    total = 0
+    for c in out.cached_requests:
+        n = out.num_scheduled_tokens[c.req_id] - len(out.spec_token_ids.get(c.req_id, ()))
+        if n == 1:
+            total += c.num_computed_tokens + 1
+    return total
 
 
 def record_steps(runner: Any) -> list[dict[str, float]]:
@@ -68,15 +74,12 @@ def record_steps(runner: Any) -> list[dict[str, float]]:
         start = time.perf_counter()
         out = execute(scheduler_output)
         seconds = time.perf_counter() - start
-        decodes = [s for s in scheduler_output.scheduled if is_decode(s)]
         steps.append(
             {
                 "seconds": seconds,
-                "decodes": len(decodes),
-                "prefill_tokens": sum(
-                    s.num_tokens for s in scheduler_output.scheduled if not is_decode(s)
-                ),
-                "decode_context": sum(s.start_pos + 1 for s in decodes),
+                "decodes": scheduler_output.num_decodes,
+                "prefill_tokens": scheduler_output.num_prefill_tokens,
+                "decode_context": decode_context(scheduler_output),
             }
         )
         return out

@@ -1,5 +1,13 @@
 """SchedulerOutput and ModelRunnerOutput: the step boundary between scheduling (engine/) and
-execution (model_executor/). The model runner reads only these, never a Request."""
+execution (model_executor/). The model runner reads only these, never a Request.
+
+As in vLLM v1, a request's whole state (prompt, sampling params, block table) crosses the
+boundary once, when it is first scheduled (again after a preemption): a NewRequestData. From
+then on the runner keeps it, and each step brings only what changed, a CachedRequestData: the
+tokens appended since (the sampled ones), the blocks allocated since, and how many tokens have
+KV. So a step's message grows with the new tokens, not with the requests' lengths, which is
+also what a distributed executor sends to its workers.
+"""
 
 from __future__ import annotations
 
@@ -9,39 +17,52 @@ from pagedllm.sampling_params import SamplingParams
 
 
 @dataclass
-class ScheduledRequest:
+class NewRequestData:
     req_id: str
-    token_ids: list[int]  # the tokens whose KV is computed this step (drafts last)
-    start_pos: int  # position of token_ids[0] == tokens already in the KV cache
-    block_ids: list[int]  # the whole block table
-    needs_sample: bool  # this chunk ends the sequence, so the step samples its next token
+    prompt_token_ids: list[int]
+    # Tokens generated before a preemption (empty for a request scheduled the first time).
+    output_token_ids: list[int]
     sampling_params: SamplingParams
-    # Read-only views for penalties / min_tokens (the runner never mutates them).
-    prompt_token_ids: list[int] = field(default_factory=list)
-    output_token_ids: list[int] = field(default_factory=list)
-    # Draft tokens after the newest one (the tail of token_ids): the runner samples a token at
-    # each of the 1 + len(spec_token_ids) positions and keeps the drafts it agrees with.
-    spec_token_ids: list[int] = field(default_factory=list)
+    block_ids: list[int]  # the whole block table so far
+    num_computed_tokens: int  # tokens already in the KV cache (a prefix-cache hit)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+
+@dataclass
+class CachedRequestData:
+    req_id: str
+    new_token_ids: list[int]  # appended since the request was last scheduled
+    new_block_ids: list[int]  # allocated since then, in block-table order
+    num_computed_tokens: int
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    # Tokens to compute per request this step, drafts included, in scheduling order.
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Draft tokens after a decode's newest token: the runner samples a token at each of the
+    # 1 + len(drafts) positions and keeps the drafts it agrees with.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Requests preempted or finished since the previous step: the runner drops their state.
     preempted_req_ids: list[str] = field(default_factory=list)
-    # Requests finished since the previous step: the runner drops their per-request state.
     finished_req_ids: set[str] = field(default_factory=set)
+    # The step's shape, as the scheduler sees it: decodes (the newest output token, drafts
+    # aside) and the tokens of prompt chunks (and of recomputed outputs after a preemption).
+    num_decodes: int = 0
+    num_prefill_tokens: int = 0
 
     @property
-    def num_scheduled_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(len(d) for d in self.spec_token_ids.values())
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.num_scheduled_tokens
 
 
 @dataclass

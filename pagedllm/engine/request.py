@@ -67,6 +67,10 @@ class Request:
         self.first_token_time: float | None = None
         # Draft tokens to verify after the newest token in the next step (speculative decoding).
         self.spec_token_ids: list[int] = []
+        # How many of its tokens and blocks the step messages have carried to the model runner
+        # (it keeps them between steps; see scheduler_output.py).
+        self.num_tokens_sent = 0
+        self.num_blocks_sent = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -16,9 +16,10 @@ from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.waiting_queue import WaitingQueue, max_seats_per_group
 from pagedllm.scheduler_output import (
+    CachedRequestData,
     ModelRunnerOutput,
+    NewRequestData,
     SampledToken,
-    ScheduledRequest,
     SchedulerOutput,
 )
 
@@ -107,7 +108,7 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        out = SchedulerOutput()
         preempted: list[Request] = []
 
         # 1. Running requests first: decodes, and prefills still in progress (chunked). A
@@ -134,7 +135,7 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break
-            scheduled.append(self._scheduled(request, num_new - len(drafts), drafts))
+            self._schedule_running(out, request, num_new - len(drafts), drafts)
             budget -= num_new
             idx += 1
 
@@ -164,14 +165,11 @@ class Scheduler:
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_hit
             self.running.append(request)
-            scheduled.append(self._scheduled(request, num_new))
+            self._schedule_new(out, request, num_new)
             budget -= num_new
 
-        out = SchedulerOutput(
-            scheduled=scheduled,
-            preempted_req_ids=[r.req_id for r in preempted],
-            finished_req_ids=self.finished_req_ids,
-        )
+        out.preempted_req_ids = [r.req_id for r in preempted]
+        out.finished_req_ids = self.finished_req_ids
         self.finished_req_ids = set()
         return out
 
@@ -185,19 +183,20 @@ class Scheduler:
         if self.draft_policy is not None and step_seconds is not None:
             self._observe_step(scheduler_output, step_seconds)
         outputs = []
-        for sched in scheduler_output.scheduled:
-            request = self.requests.get(sched.req_id)
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
             if request is None or request.is_finished:
                 continue
-            num_drafts = len(sched.spec_token_ids)
-            if not sched.needs_sample:
-                request.num_computed_tokens += sched.num_tokens
+            num_drafts = len(scheduler_output.spec_token_ids.get(req_id, ()))
+            end = request.num_computed_tokens + num_tokens - num_drafts
+            if end < request.num_tokens:  # a prompt chunk that does not end the prompt
+                request.num_computed_tokens += num_tokens
                 continue
-            tokens = runner_output.sampled[sched.req_id]
+            tokens = runner_output.sampled[req_id]
             # The newest token and the accepted drafts now have KV; a rejected draft's KV is
             # overwritten later (its slot lies past num_computed_tokens).
             num_accepted = len(tokens) - 1
-            request.num_computed_tokens += sched.num_tokens - (num_drafts - num_accepted)
+            request.num_computed_tokens += num_tokens - (num_drafts - num_accepted)
             self.spec_num_draft_tokens += num_drafts
             self.spec_num_accepted_tokens += num_accepted
             if self.proposer is not None:
@@ -241,34 +240,54 @@ class Scheduler:
         )
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _scheduled(
-        self, request: Request, num_new: int, drafts: list[int] | None = None
-    ) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        drafts = drafts or []
-        return ScheduledRequest(
-            req_id=request.req_id,
-            token_ids=request.all_token_ids[start : start + num_new] + drafts,
-            start_pos=start,
-            block_ids=self.kv_cache_manager.block_ids(request.req_id),
-            needs_sample=start + num_new == request.num_tokens,
-            sampling_params=request.sampling_params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-            spec_token_ids=drafts,
+    def _schedule_running(
+        self, out: SchedulerOutput, request: Request, num_new: int, drafts: list[int]
+    ) -> None:
+        """A request the runner knows: send what changed since its last step."""
+        block_ids = self.kv_cache_manager.block_ids(request.req_id)
+        out.cached_requests.append(
+            CachedRequestData(
+                req_id=request.req_id,
+                new_token_ids=request.all_token_ids[request.num_tokens_sent :],
+                new_block_ids=block_ids[request.num_blocks_sent :],
+                num_computed_tokens=request.num_computed_tokens,
+            )
         )
+        request.num_tokens_sent, request.num_blocks_sent = request.num_tokens, len(block_ids)
+        self._count(out, request, num_new, drafts)
 
-    def _observe_step(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
+    def _schedule_new(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+        """A request admitted (first, or again after a preemption): send all of it."""
+        block_ids = self.kv_cache_manager.block_ids(request.req_id)
+        out.new_requests.append(
+            NewRequestData(
+                req_id=request.req_id,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=list(request.output_token_ids),
+                sampling_params=request.sampling_params,
+                block_ids=list(block_ids),
+                num_computed_tokens=request.num_computed_tokens,
+            )
+        )
+        request.num_tokens_sent, request.num_blocks_sent = request.num_tokens, len(block_ids)
+        self._count(out, request, num_new, [])
+
+    @staticmethod
+    def _count(out: SchedulerOutput, request: Request, num_new: int, drafts: list[int]) -> None:
+        out.num_scheduled_tokens[request.req_id] = num_new + len(drafts)
+        if drafts:
+            out.spec_token_ids[request.req_id] = drafts
+        newest = request.num_computed_tokens + 1 == request.num_tokens
+        if num_new == 1 and newest and request.num_output_tokens > 0:  # not a prompt's end
+            out.num_decodes += 1
+        else:
+            out.num_prefill_tokens += num_new
+
+    def _observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         assert self.draft_policy is not None
-        decodes = drafts = prefill = 0
-        for s in scheduler_output.scheduled:
-            num_drafts = len(s.spec_token_ids)
-            if s.num_tokens - num_drafts == 1 and s.needs_sample:
-                decodes += 1
-                drafts += num_drafts
-            else:
-                prefill += s.num_tokens
-        self.draft_policy.observe_step(decodes, drafts, prefill, seconds)
+        self.draft_policy.observe_step(
+            out.num_decodes, out.num_draft_tokens, out.num_prefill_tokens, seconds
+        )
 
     def _propose(self, request: Request) -> list[int]:
         """Drafts for the next step: greedy requests without penalties or logprobs only, where
@@ -298,6 +317,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
         request.spec_token_ids = []
+        request.num_tokens_sent = request.num_blocks_sent = 0
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

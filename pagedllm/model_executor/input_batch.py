@@ -1,4 +1,5 @@
-"""Turn a SchedulerOutput into the flat tensors of one forward pass (vectorized with numpy).
+"""Turn a step's requests (request_state.py) into the flat tensors of one forward pass
+(vectorized with numpy; the block tables are rows of the runner's persistent table).
 
 All scheduled tokens of the step form one varlen batch:
 
@@ -30,12 +31,12 @@ from pagedllm.model_executor.backends.attention_metadata import (
     PrefillSeq,
 )
 from pagedllm.model_executor.backends.torch_attention import TorchAttentionBackend
-from pagedllm.scheduler_output import ScheduledRequest
+from pagedllm.model_executor.request_state import StepRequest
 
 
 @dataclass
 class ModelInputs:
-    requests: list[ScheduledRequest]  # in batch order (decodes first)
+    requests: list[StepRequest]  # in batch order (decodes first)
     num_tokens: int  # scheduled tokens; input_ids may hold pad rows after them
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -62,7 +63,8 @@ def padded_rows(n: int) -> int:
 
 
 def build_inputs(
-    scheduled: list[ScheduledRequest],
+    scheduled: list[StepRequest],
+    block_table: np.ndarray,
     block_size: int,
     attention: TorchAttentionBackend,
     device: torch.device,
@@ -72,7 +74,7 @@ def build_inputs(
     in_place = attention.reads_cache_in_place
     multi = attention.can_verify(block_size, int8_cache)
 
-    def is_prefill(s: ScheduledRequest) -> bool:
+    def is_prefill(s: StepRequest) -> bool:
         return s.num_tokens - (len(s.spec_token_ids) if multi else 0) > 1
 
     # Stable: decodes first (those without drafts, then those with), then prefills.
@@ -89,9 +91,8 @@ def build_inputs(
     seq_lens = starts + q_lens
 
     num_blocks = -(-seq_lens // block_size)
-    table = np.zeros((n, int(num_blocks.max())), dtype=np.int64)
-    for i, s in enumerate(requests):
-        table[i, : num_blocks[i]] = s.block_ids[: num_blocks[i]]
+    rows = np.fromiter((s.state.row for s in requests), dtype=np.int64, count=n)
+    table = block_table[rows, : int(num_blocks.max())]
     slots = table[req_of_token, positions // block_size] * block_size + positions % block_size
 
     def to(a: np.ndarray) -> torch.Tensor:
@@ -125,9 +126,9 @@ def build_inputs(
         ends = np.cumsum(num_rows)
         sample_index = np.repeat(sample_index - ends + 1, num_rows) + np.arange(int(ends[-1]))
     if pad:
-        rows = padded_rows(total)
-        input_ids = np.concatenate([input_ids, np.zeros(rows - total, dtype=np.int64)])
-        positions = np.concatenate([positions, np.zeros(rows - total, dtype=np.int64)])
+        padded = padded_rows(total)
+        input_ids = np.concatenate([input_ids, np.zeros(padded - total, dtype=np.int64)])
+        positions = np.concatenate([positions, np.zeros(padded - total, dtype=np.int64)])
         num_samples = len(sample_index)
         if num_samples:
             extra = padded_rows(num_samples) - num_samples

@@ -19,6 +19,7 @@ from pagedllm.model_executor.layers.linear import (
 from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
+from pagedllm.model_executor.request_state import RequestStates
 from pagedllm.model_executor.sampler import ExactLogits, Sampler
 from pagedllm.model_executor.sampling_metadata import build_sampling_batch
 from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
@@ -64,6 +65,7 @@ class ModelRunner:
         self.backend.bind(self.model)
         self.sampler = Sampler(self.backend.kernels)
         self.generators: dict[str, torch.Generator] = {}
+        self.requests = RequestStates()  # kept between steps: the scheduler sends deltas
         self.block_size: int | None = None
         self.pad_rows = False  # set by load_weights
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -123,14 +125,15 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(
         self, scheduler_output: SchedulerOutput, all_positions: bool = False
-    ) -> tuple[list[str], torch.Tensor]:
+    ) -> tuple[list, torch.Tensor]:
         """Run the model; return the req ids and logits of the sampling requests, in the model's
         dtype (the sampler widens them to fp32 where it needs to), or, with ``all_positions``,
-        every scheduled token's fp32 logits in batch order: for tests."""
+        the step's requests (StepRequest) and every scheduled token's fp32 logits in batch
+        order: for tests."""
         if all_positions:
             inputs, hidden = self._forward(scheduler_output)
             logits = self.model.compute_logits(hidden[: inputs.num_tokens]).float()
-            return [r.req_id for r in inputs.requests], logits
+            return list(inputs.requests), logits
         inputs, hidden = self._forward_sampled(scheduler_output)
         req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
         return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
@@ -138,7 +141,8 @@ class ModelRunner:
     def _forward(self, scheduler_output: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
         assert self.block_size is not None, "allocate_kv_cache first"
         inputs = build_inputs(
-            scheduler_output.scheduled,
+            self.requests.update(scheduler_output),
+            self.requests.block_table.table,
             self.block_size,
             self.backend.attention,
             self.device,
@@ -172,6 +176,7 @@ class ModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.generators.pop(req_id, None)
         if scheduler_output.is_empty:
+            self.requests.update(scheduler_output)  # drops the finished ones
             return ModelRunnerOutput(sampled={})
         inputs, hidden = self._forward_sampled(scheduler_output)
         sampling_reqs = [inputs.requests[i] for i in inputs.sample_rows]

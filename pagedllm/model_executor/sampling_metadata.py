@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from pagedllm.model_executor.request_state import StepRequest
 from pagedllm.model_executor.sampler import Penalties, SamplingBatch
-from pagedllm.scheduler_output import ScheduledRequest
 
 
 def build_sampling_batch(
-    requests: list[ScheduledRequest],
+    requests: list[StepRequest],
     generators: dict[str, torch.Generator],
     vocab_size: int,
     device: torch.device,
@@ -53,7 +53,7 @@ def build_sampling_batch(
     return batch
 
 
-def _penalties(requests: list[ScheduledRequest], vocab_size: int, device) -> Penalties:
+def _penalties(requests: list[StepRequest], vocab_size: int, device) -> Penalties:
     n = len(requests)
     counts = torch.zeros(n, vocab_size, dtype=torch.float32)
     prompt_mask = torch.zeros(n, vocab_size, dtype=torch.bool)

@@ -93,7 +93,7 @@ def test_max_num_seqs_and_token_budget_are_respected(tiny_llama_dir):
     while engine.has_unfinished_requests():
         out = engine.scheduler.schedule()
         assert len(engine.scheduler.running) <= 3
-        assert out.num_scheduled_tokens <= 40
+        assert out.total_num_scheduled_tokens <= 40
         runner_out = engine.runner.execute_model(out)
         engine.scheduler.update_from_output(out, runner_out)
     assert_no_leak(engine)
@@ -127,7 +127,7 @@ def test_counts_computed_prompt_tokens(tiny_llama_dir):
     for suffix in ([1, 2], [3, 4]):
         engine.add_request(str(suffix), system + suffix, GREEDY)
         run_all(engine)
-        computed.append(schedules[-GREEDY.max_tokens].num_scheduled_tokens)
+        computed.append(schedules[-GREEDY.max_tokens].total_num_scheduled_tokens)
     assert computed == [202, 202 - 192]
 
 
@@ -169,7 +169,7 @@ def test_n_samples_share_prompt_blocks_and_seeds_reproduce(tiny_llama_dir):
     schedules = record_schedules(engine)
     out = run_all(engine)["x"]
     # sample 0 computes the prompt; samples 1, 2 hit its (same-step) blocks
-    assert [s.num_tokens for s in schedules[0].scheduled] == [40, 4, 4]
+    assert list(schedules[0].num_scheduled_tokens.values()) == [40, 4, 4]
     texts = [tuple(c.token_ids) for c in out.outputs]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len(set(texts)) > 1  # independent samples

@@ -104,16 +104,14 @@ def _check_parity(model_dir, block_size, max_batched, kv_cache_dtype, backend):
     ours: dict[str, dict[int, torch.Tensor]] = {r.req_id: {} for r in requests}
     while sched.has_unfinished_requests():
         out = sched.schedule()
-        order, logits = runner.forward_logits(out, all_positions=True)
-        by_id = {s.req_id: s for s in out.scheduled}
+        steps, logits = runner.forward_logits(out, all_positions=True)
         row = 0
         sampled = {}
-        for req_id in order:
-            s = by_id[req_id]
+        for s in steps:
             for j in range(s.num_tokens):
-                ours[req_id][s.start_pos + j] = logits[row + j]
+                ours[s.req_id][s.start_pos + j] = logits[row + j]
             if s.needs_sample:
-                sampled[req_id] = [SampledToken(int(logits[row + s.num_tokens - 1].argmax()))]
+                sampled[s.req_id] = [SampledToken(int(logits[row + s.num_tokens - 1].argmax()))]
             row += s.num_tokens
         sched.update_from_output(out, ModelRunnerOutput(sampled))
 
