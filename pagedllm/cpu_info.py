@@ -28,3 +28,10 @@ def has_native_bf16() -> bool:
     """bf16 dot products in hardware (AVX512-BF16, or AMX tiles): bf16 matmuls run ~8x faster
     than fp32 ones here instead of being emulated."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def onednn_packs_bf16() -> bool:
+    """oneDNN's pre-packed bf16 linear weights need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT;
+    torch refuses the reorder on an AVX2-only CPU."""
+    flags = cpu_flags()
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.cpu_info import onednn_packs_bf16
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.model_executor.input_batch import padded_rows
 from pagedllm.sampling_params import SamplingParams
@@ -27,9 +28,11 @@ def test_padded_rows_round_up_to_few_buckets():
 
 
 def run_batch(model_dir: str, pad: bool) -> tuple[dict, list[tuple[int, int]]]:
-    engine = LLMEngine(EngineArgs(model=model_dir, dtype="bfloat16", kv_cache_memory=4 * 2**20))
+    # bf16 where oneDNN packs bf16 weights (AVX-512 or AVX-NE-CONVERT), else fp32 (packed too)
+    dtype = "bfloat16" if onednn_packs_bf16() else "float32"
+    engine = LLMEngine(EngineArgs(model=model_dir, dtype=dtype, kv_cache_memory=4 * 2**20))
     runner = engine.runner
-    assert runner.pad_rows, "bf16 weights are packed for oneDNN on this CPU"
+    assert runner.pad_rows, f"{dtype} weights are packed for oneDNN on this CPU"
     runner.pad_rows = pad
     shapes = []  # (scheduled tokens, rows the model ran)
     forward = runner.model.forward

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pagedllm.cpu_info import onednn_packs_bf16
 from pagedllm.model_executor.ops.native import NativeOps
 
 # Batch-size hint for the packed layout; measured to serve 1..1024 rows equally well.
@@ -59,7 +60,10 @@ class TorchLinearBackend:
     def can_pack(self, weight: torch.Tensor) -> bool:
         return (
             weight.device.type == "cpu"
-            and weight.dtype in (torch.bfloat16, torch.float32)
+            and (
+                weight.dtype == torch.float32
+                or (weight.dtype == torch.bfloat16 and onednn_packs_bf16())
+            )
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         )
