@@ -48,6 +48,11 @@ class EngineArgs:
     # A dict or its JSON text, as vLLM's --speculative-config; "auto": n-gram drafts with the
     # defaults of SpeculativeConfig; None or "none": off.
     speculative_config: dict | str | None = "auto"
+    tensor_parallel_size: int = 1
+    # uni (in-process), mp (worker processes) or ray (Ray actors); None: uni for one rank,
+    # else mp.
+    distributed_executor_backend: str | None = None
+    ray_address: str | None = None  # an existing Ray cluster (else env RAY_ADDRESS, else local)
 
     def __post_init__(self) -> None:
         SpeculativeConfig.parse(self.speculative_config)  # raises on a bad value
@@ -65,6 +70,7 @@ class EngineArgs:
             )
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("block_size", self.block_size)
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None:
@@ -152,6 +158,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_positive("block_size", self.block_size)
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
         _check_positive("num_blocks", self.num_blocks)
 
 

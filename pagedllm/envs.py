@@ -34,3 +34,35 @@ def api_key() -> str | None:
 def metrics_api_key() -> str | None:
     """The key /metrics requires (``--metrics-api-key`` wins); unset = the API key, if any."""
     return os.environ.get("PAGEDLLM_METRICS_API_KEY") or None
+
+
+def cpu_threads_bind() -> tuple[tuple[int, ...], ...] | None:
+    """Per-rank CPU cores for tensor-parallel workers, like vLLM's VLLM_CPU_OMP_THREADS_BIND:
+    ``"0-3|4-7"`` pins rank 0 to cores 0-3 and rank 1 to 4-7 (lists like ``0,2,4`` work too).
+    Unset or ``auto``: the cores split evenly."""
+    value = os.environ.get("PAGEDLLM_CPU_THREADS_BIND", "auto").strip()
+    if value in ("", "auto"):
+        return None
+    ranks = []
+    for part in value.split("|"):
+        cores: list[int] = []
+        for item in part.split(","):
+            lo, _, hi = item.strip().partition("-")
+            try:
+                cores += range(int(lo), int(hi or lo) + 1)
+            except ValueError:
+                raise ValueError(
+                    f"PAGEDLLM_CPU_THREADS_BIND={value!r}: expected core lists like '0-3|4-7'"
+                ) from None
+        ranks.append(tuple(cores))
+    return tuple(ranks)
+
+
+def worker_start_timeout() -> float:
+    """Seconds tensor-parallel workers may take to load their weights."""
+    return float(os.environ.get("PAGEDLLM_WORKER_START_TIMEOUT", "600"))
+
+
+def dist_timeout() -> float:
+    """Seconds a torch.distributed collective may wait for a peer before it fails."""
+    return float(os.environ.get("PAGEDLLM_DIST_TIMEOUT", "120"))

@@ -30,6 +30,7 @@ from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.engine.request_stream import RequestStream
 from pagedllm.engine.scheduler import SchedulerStats
 from pagedllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger
+from pagedllm.executor import WorkerDiedError
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -91,7 +92,12 @@ class _Stop:
     pass
 
 
-_Command = _Add | _Abort | _Stop
+@dataclass
+class _WorkerLost:
+    reason: str
+
+
+_Command = _Add | _Abort | _Stop | _WorkerLost
 
 
 class AsyncLLM:
@@ -209,6 +215,7 @@ class AsyncLLM:
 
     # ---- the worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        engine = None
         try:
             engine = self._engine_factory(self.args)
             _warm_up(engine)
@@ -221,10 +228,14 @@ class AsyncLLM:
             )
         except BaseException as exc:
             logger.exception("engine failed to load")
+            if engine is not None:
+                engine.shutdown()
             self._fail(exc)
             self._ready.set()
             self._serve_dead()
             return
+        # A tensor-parallel worker that dies while the loop waits for requests fails it too.
+        engine.executor.on_failure(lambda reason: self._queue.put(_WorkerLost(reason)))
         self.state = EngineState.READY
         self._ready.set()
         self._record(engine, IterationStats())
@@ -242,9 +253,11 @@ class AsyncLLM:
                     deliveries
                 )  # answers adds taken this iteration (put_* are idempotent)
                 self._fail(exc)
+                engine.shutdown()
                 self._serve_dead()
                 return
             if stop:
+                engine.shutdown()
                 self.state = EngineState.STOPPED
                 return
 
@@ -263,6 +276,8 @@ class AsyncLLM:
         for cmd in self._next_commands(block=not engine.has_unfinished_requests()):
             if isinstance(cmd, _Stop):
                 stop = True
+            elif isinstance(cmd, _WorkerLost):
+                raise WorkerDiedError(cmd.reason)
             elif isinstance(cmd, _Add):
                 error = self._apply_add(engine, cmd, tracker)
                 deliveries.append((cmd.stream.put_accepted, error))

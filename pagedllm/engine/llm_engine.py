@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pagedllm import envs
 from pagedllm.config import (
     EngineArgs,
     ModelConfig,
@@ -26,14 +27,16 @@ from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler, SchedulerStats
+from pagedllm.executor import create_executor
 from pagedllm.model_executor.loader import (
-    iter_weights,
     load_hf_config,
     load_tokenizer,
     resolve_model,
 )
 from pagedllm.model_executor.model_runner import ModelRunner
 from pagedllm.model_executor.models.hf_config import arch_config_from_hf
+from pagedllm.model_executor.models.registry import get_model_class
+from pagedllm.model_executor.worker import WorkerConfig
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -63,15 +66,44 @@ class LLMEngine:
             head_dim=arch.head_dim,
             eos_token_ids=_eos_token_ids(hf_config, self.tokenizer),
         )
-        self.runner = ModelRunner(
-            arch,
-            args.dtype,
-            self.device,
-            args.kv_cache_dtype,
-            args.quantization,
+        if args.tensor_parallel_size > 1:  # before any worker starts
+            get_model_class(arch).check_tensor_parallel(arch, args.tensor_parallel_size)
+        binds = envs.cpu_threads_bind()
+        if binds is not None and len(binds) != args.tensor_parallel_size:
+            raise ValueError(
+                f"PAGEDLLM_CPU_THREADS_BIND lists {len(binds)} ranks' cores; "
+                f"--tensor-parallel-size is {args.tensor_parallel_size}"
+            )
+        worker_config = WorkerConfig(
+            source=source,
+            arch=arch,
+            dtype=args.dtype,
+            device=str(self.device),
+            kv_cache_dtype=args.kv_cache_dtype,
+            quantization=args.quantization,
             block_size=args.block_size,
+            seed=args.seed,
+            world_size=args.tensor_parallel_size,
+            cpu_binds=binds,
+            dist_timeout_s=envs.dist_timeout(),
         )
-        self.runner.load_weights(iter_weights(source))
+        self.executor = create_executor(
+            worker_config, args.distributed_executor_backend, args.ray_address
+        )
+        try:
+            self._init_cache_and_scheduler(args, arch, max_model_len)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        logger.info(
+            "engine ready in %.1f s (model %s, %s, tensor parallel %d)",
+            time.perf_counter() - t0,
+            source.model,
+            args.dtype,
+            args.tensor_parallel_size,
+        )
+
+    def _init_cache_and_scheduler(self, args: EngineArgs, arch: Any, max_model_len: int) -> None:
         num_blocks = self._num_kv_blocks(args)
         if num_blocks * args.block_size < max_model_len:
             raise ValueError(
@@ -79,7 +111,7 @@ class LLMEngine:
                 f"sequence of max_model_len={max_model_len} tokens: raise kv_cache_memory or "
                 f"lower max_model_len"
             )
-        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        self.executor.collective_rpc("allocate_kv_cache", num_blocks, args.block_size)
         kv_mib = num_blocks * self.runner.kv_bytes_per_block(args.block_size) / 2**20
         logger.info(
             "# KV blocks: %d (block size %d, %.1f MiB, kv_cache_dtype %s)",
@@ -126,12 +158,6 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps = 0
-        logger.info(
-            "engine ready in %.1f s (model %s, %s)",
-            time.perf_counter() - t0,
-            source.model,
-            args.dtype,
-        )
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -140,6 +166,15 @@ class LLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.model_config.max_model_len
+
+    @property
+    def runner(self) -> ModelRunner:
+        """Rank 0's model runner."""
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent)."""
+        self.executor.shutdown()
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(
@@ -205,7 +240,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
         t0 = time.perf_counter()
-        runner_output = self.runner.execute_model(scheduler_output)
+        runner_output = self.executor.execute_model(scheduler_output)
         seconds = time.perf_counter() - t0
         core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output, seconds)
         outputs, stopped = self.output_processor.process(core_outputs)

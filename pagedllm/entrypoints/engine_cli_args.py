@@ -42,6 +42,16 @@ HELP = {
     '"prompt_lookup_max": 3}\', or auto (those values) or none: draft tokens found by n-gram '
     "lookup in the request's own tokens, checked in one forward pass; greedy requests only, "
     "where the output stays exact (see docs/architecture.md)",
+    "tensor_parallel_size": "split the model's heads, MLP and vocabulary across this many "
+    "ranks (worker processes or Ray actors), one all-reduce after attention and one after "
+    "the MLP; on CPU each rank takes its share of the cores (PAGEDLLM_CPU_THREADS_BIND) "
+    "(see docs/distributed.md)",
+    "distributed_executor_backend": "how the tensor-parallel ranks run: mp (worker processes "
+    "on this machine; the default for --tensor-parallel-size > 1), ray (Ray actors on the "
+    "nodes of a Ray cluster) or uni (one rank, in-process; the default otherwise)",
+    "ray_address": "the Ray cluster to join with --distributed-executor-backend ray "
+    "(host:6379 as `ray start --head` prints it; default: env RAY_ADDRESS, else a new local "
+    "cluster)",
 }
 
 

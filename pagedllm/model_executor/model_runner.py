@@ -9,6 +9,7 @@ import logging
 import torch
 
 from pagedllm.config import KV_CACHE_DTYPES
+from pagedllm.distributed import TensorParallelGroup, single_rank
 from pagedllm.model_executor.backends import Backend, select_backend
 from pagedllm.model_executor.hugepages import zeros_hugepage
 from pagedllm.model_executor.input_batch import ModelInputs, build_inputs
@@ -39,9 +40,12 @@ class ModelRunner:
         quantization: str | None = None,
         block_size: int = 16,
         backend: Backend | None = None,
+        tp: TensorParallelGroup | None = None,
     ) -> None:
         """``backend``: the kernels to run on; by default the selector's choice for this
-        device, dtype and CPU (PAGEDLLM_CPU_ISA), made here once."""
+        device, dtype and CPU (PAGEDLLM_CPU_ISA), made here once. ``tp``: the tensor-parallel
+        rank this runner is (its shard of the weights and of the KV cache's heads); rank 0
+        samples, the others only take part in the forward pass."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
@@ -61,7 +65,9 @@ class ModelRunner:
         self.backend = select_backend(
             device, self.dtype, arch.head_dim, block_size, self.kv_int8, backend=backend
         )
-        self.model = get_model_class(arch)(arch)
+        self.tp = tp or single_rank()
+        self.model = get_model_class(arch)(arch, self.tp)
+        self.num_kv_heads = self.model.num_kv_heads  # this rank's
         self.backend.bind(self.model)
         self.sampler = Sampler(self.backend.kernels)
         self.generators: dict[str, torch.Generator] = {}
@@ -98,11 +104,11 @@ class ModelRunner:
             if self.kv_int8
             else self.arch.head_dim * torch.empty((), dtype=self.kv_dtype).element_size()
         )
-        return 2 * self.arch.num_layers * block_size * self.arch.num_kv_heads * per_token_head
+        return 2 * self.arch.num_layers * block_size * self.num_kv_heads * per_token_head
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        h, d = self.arch.num_kv_heads, self.arch.head_dim
+        h, d = self.num_kv_heads, self.arch.head_dim
         # Layouts: see layers/attention.py. Zeroed: the torch fallback multiplies masked-out
         # slots by 0, so they must not hold NaNs.
         if self.kv_int8:
@@ -129,14 +135,15 @@ class ModelRunner:
         """Run the model; return the req ids and logits of the sampling requests, in the model's
         dtype (the sampler widens them to fp32 where it needs to), or, with ``all_positions``,
         the step's requests (StepRequest) and every scheduled token's fp32 logits in batch
-        order: for tests."""
+        order: for tests. The logits are None on tensor-parallel ranks other than 0."""
         if all_positions:
             inputs, hidden = self._forward(scheduler_output)
-            logits = self.model.compute_logits(hidden[: inputs.num_tokens]).float()
-            return list(inputs.requests), logits
+            logits = self.model.compute_logits(hidden[: inputs.num_tokens])
+            return list(inputs.requests), None if logits is None else logits.float()
         inputs, hidden = self._forward_sampled(scheduler_output)
         req_ids = [inputs.requests[i].req_id for i in inputs.sample_rows]
-        return req_ids, self.model.compute_logits(hidden)[: len(req_ids)]
+        logits = self.model.compute_logits(hidden)
+        return req_ids, None if logits is None else logits[: len(req_ids)]
 
     def _forward(self, scheduler_output: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
         assert self.block_size is not None, "allocate_kv_cache first"
@@ -165,6 +172,8 @@ class ModelRunner:
         weight = getattr(getattr(self.model, "lm_head", None), "weight", None)
         if weight is None or weight.numel() == 0 or weight.dtype == torch.float32:
             return None
+        if self.tp.world_size > 1:
+            return None  # each rank holds a slice of the vocabulary's rows
 
         def exact(row: int, token_ids: torch.Tensor) -> torch.Tensor:
             return weight[token_ids].float() @ hidden[row].float()
@@ -182,8 +191,10 @@ class ModelRunner:
         sampling_reqs = [inputs.requests[i] for i in inputs.sample_rows]
         if not sampling_reqs:
             return ModelRunnerOutput(sampled={})
-        num_rows = sum(inputs.sample_num_rows)
-        logits = self.model.compute_logits(hidden)[:num_rows]
+        logits = self.model.compute_logits(hidden)
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
+            return ModelRunnerOutput(sampled={})
+        logits = logits[: sum(inputs.sample_num_rows)]
         batch = build_sampling_batch(
             sampling_reqs, self.generators, self.arch.vocab_size, self.device
         )

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from pagedllm import SamplingParams
-from tests.utils import assert_no_leak, hf_greedy
+from tests.utils import CHAT_PROMPTS, assert_no_leak, hf_greedy
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "List three prime numbers greater than 100.",
-    "Translate 'good morning' into Spanish and German.",
-    "def fibonacci(n): # complete this Python function",
-]
 NUM_TOKENS = 64
 
 

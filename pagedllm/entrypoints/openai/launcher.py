@@ -21,11 +21,16 @@ import uvicorn
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai.middleware import ServerState
+from pagedllm.executor import WorkerDiedError
 
 logger = logging.getLogger(__name__)
 
 # Once drained (or aborted), how long uvicorn may take to flush responses and close connections.
 FINAL_FLUSH_TIMEOUT_S = 5
+# A tensor-parallel worker lost while serving leaves the engine unable to step: the server
+# answers 500s (and /health 500) this long, for in-flight streams to get their error event and
+# probes to see it, then exits 1 so a supervisor (systemd, Kubernetes) starts it afresh.
+WORKER_LOST_EXIT_DELAY_S = 3.0
 # What a request still unfinished at shutdown is told (HTTP 503, or an error event if streaming).
 SHUTDOWN_ABORT_REASON = "the server shut down before this request finished; retry it"
 
@@ -50,6 +55,7 @@ class GracefulServer(uvicorn.Server):
         self._drain_deadline: float | None = None
         self._announced_ready = False
         self._num_signals = 0
+        self._worker_lost_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # NOTE: runs in a signal handler; it only sets flags (and SimpleQueue.put is reentrant).
@@ -73,6 +79,18 @@ class GracefulServer(uvicorn.Server):
             logger.error("the engine failed to load: %s", self.engine.error)
             self.exit_code = 1
             return True
+        if isinstance(self.engine.error, WorkerDiedError):
+            now = time.monotonic()
+            if self._worker_lost_at is None:
+                self._worker_lost_at = now
+                self.exit_code = 1
+                logger.error(
+                    "the engine lost a worker (%s); exiting in %.0f s",
+                    self.engine.error,
+                    WORKER_LOST_EXIT_DELAY_S,
+                )
+            if now - self._worker_lost_at >= WORKER_LOST_EXIT_DELAY_S:
+                self.should_exit = True
         if self.engine.is_ready and not self._announced_ready:
             self._announced_ready = True
             logger.info("serving %s on %s", self.served_model_name, self.url)

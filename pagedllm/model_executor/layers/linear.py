@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.distributed import TensorParallelGroup
 from pagedllm.model_executor.backends.base import TORCH_BACKEND
 from pagedllm.model_executor.backends.linear import quantize_weight_int8
 
@@ -28,6 +29,56 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_backend.apply(self, x)
+
+
+class ColumnParallelLinear(Linear):
+    """Output rows of several checkpoint tensors stacked (q/k/v, gate/up), each cut to this
+    rank's rows: ``shards[i] = (full_rows, first_row, num_rows)`` of checkpoint tensor i. With
+    one rank every shard is whole. No communication: the next layer consumes the local part."""
+
+    def __init__(self, in_features: int, shards: list[tuple[int, int, int]], bias: bool) -> None:
+        super().__init__(in_features, sum(rows for _, _, rows in shards), bias=bias)
+        self.shards = shards
+        self.shard_offsets = [sum(rows for _, _, rows in shards[:i]) for i in range(len(shards))]
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
+        full, first, rows = self.shards[shard]
+        if loaded.shape[0] != full:
+            raise ValueError(f"shard {shard} has {loaded.shape[0]} rows, expected {full}")
+        start = self.shard_offsets[shard]
+        param.data[start : start + rows].copy_(loaded[first : first + rows])
+
+
+def split_rows(full: int, tp: TensorParallelGroup, what: str) -> tuple[int, int, int]:
+    """An even column-parallel split of ``full`` rows: this rank's (full, first, rows)."""
+    rows = tp.shard(full, what)
+    return full, tp.rank * rows, rows
+
+
+class RowParallelLinear(Linear):
+    """Input columns split across ranks (the output of a column-parallel layer); each rank's
+    partial product is summed by one all-reduce. The bias is added once, by rank 0."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup
+    ) -> None:
+        self.tp = tp
+        super().__init__(tp.shard(in_features, "a row-parallel input"), out_features, bias=bias)
+
+    def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if param is self.bias:
+            param.data.copy_(loaded if self.tp.is_driver else torch.zeros_like(loaded))
+            return
+        cols = self.in_features
+        if loaded.shape != (self.out_features, cols * self.tp.world_size):
+            raise ValueError(
+                f"checkpoint shape {tuple(loaded.shape)} != "
+                f"{(self.out_features, cols * self.tp.world_size)}"
+            )
+        param.data.copy_(loaded[:, self.tp.rank * cols : (self.tp.rank + 1) * cols])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(super().forward(x))
 
 
 def quantize_linear_weights_int8(model: nn.Module) -> int:

@@ -1,6 +1,8 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain torch ops.
 
 Checkpoint names map onto fused layers: q/k/v_proj -> qkv_proj, gate/up_proj -> gate_up_proj.
+Under tensor parallelism (vLLM's Megatron split) each rank holds its query and kv heads and its
+MLP rows; o_proj and down_proj all-reduce, the vocabulary is split (layers/).
 
 Precision: the residual stream, norms, RoPE and logits stay fp32; only the matmuls (and the KV
 cache) use the engine dtype. In fp32 this is exactly HF's arithmetic; in bf16 it keeps the
@@ -14,12 +16,21 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pagedllm.distributed import TensorParallelGroup, single_rank
 from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata
 from pagedllm.model_executor.layers.activation import SiluAndMul
 from pagedllm.model_executor.layers.attention import PagedAttention
 from pagedllm.model_executor.layers.layernorm import RMSNorm
-from pagedllm.model_executor.layers.linear import Linear
+from pagedllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    split_rows,
+)
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from pagedllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
 from pagedllm.model_executor.models.hf_config import ArchConfig
 
 # checkpoint name fragment -> (fused parameter fragment, shard index)
@@ -32,34 +43,49 @@ PACKED_MODULES = {
 }
 
 
-class FusedLinear(Linear):
-    """A linear layer whose output rows are several checkpoint tensors stacked (shards)."""
+def kv_head_layout(cfg: ArchConfig, tp: TensorParallelGroup) -> tuple[int, int]:
+    """(kv heads this rank holds, the first of them). With more ranks than kv heads, each kv
+    head is replicated on the ranks whose query heads read it, as vLLM does."""
+    if tp.world_size <= cfg.num_kv_heads:
+        local = tp.shard(cfg.num_kv_heads, "the number of kv heads")
+        return local, tp.rank * local
+    return 1, tp.rank * cfg.num_kv_heads // tp.world_size
 
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
-        self.shard_offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes))]
-        self.shard_sizes = shard_sizes
 
-    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
-        start, size = self.shard_offsets[shard], self.shard_sizes[shard]
-        if loaded.shape[0] != size:
-            raise ValueError(f"shard {shard} has {loaded.shape[0]} rows, expected {size}")
-        param.data[start : start + size].copy_(loaded)
+def check_tensor_parallel(cfg: ArchConfig, world_size: int) -> None:
+    """A ValueError naming the model's sizes when ``world_size`` ranks cannot split it."""
+    heads, kv = cfg.num_heads, cfg.num_kv_heads
+    kv_ok = kv % world_size == 0 if world_size <= kv else world_size % kv == 0
+    if heads % world_size or not kv_ok:
+        raise ValueError(
+            f"--tensor-parallel-size {world_size} cannot split this model's {heads} attention "
+            f"heads and {kv} kv heads: it must divide the attention heads and either divide "
+            f"the kv heads or be a multiple of them"
+        )
+    if cfg.intermediate_size % world_size:
+        raise ValueError(
+            f"--tensor-parallel-size {world_size} does not divide the MLP's intermediate size "
+            f"{cfg.intermediate_size}"
+        )
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = FusedLinear(
-            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias
+        d = cfg.head_dim
+        self.num_heads = tp.shard(cfg.num_heads, "the number of attention heads")
+        self.num_kv_heads, first_kv = kv_head_layout(cfg, tp)
+        self.head_dim = d
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        self.scale = d**-0.5
+        kv_rows = (cfg.num_kv_heads * d, first_kv * d, self.kv_size)
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            [(cfg.num_heads * d, tp.rank * self.q_size, self.q_size), kv_rows, kv_rows],
+            bias=cfg.qkv_bias,
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, tp)
         self.rotary = rotary
         self.attn = PagedAttention(self.scale)
 
@@ -77,13 +103,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = FusedLinear(
-            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias
-        )
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        rows = split_rows(cfg.intermediate_size, tp, "the MLP's intermediate size")
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [rows, rows], bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +115,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, rotary, tp)
+        self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.compute_dtype = torch.float32  # the matmul dtype, set by the model runner
@@ -120,13 +144,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
@@ -139,11 +165,18 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    check_tensor_parallel = staticmethod(check_tensor_parallel)
+
+    def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup | None = None) -> None:
+        """``tp``: this rank of the tensor-parallel group the weights are split over (heads,
+        MLP rows, vocabulary); by default one rank holding everything."""
         super().__init__()
+        tp = tp or single_rank()
+        check_tensor_parallel(cfg, tp.world_size)
         self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.num_kv_heads = kv_head_layout(cfg, tp)[0]  # this rank's, in its KV cache
+        self.model = LlamaModel(cfg, tp)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -154,11 +187,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits in the lm_head's dtype from the fp32 final hidden state. Left unwidened: greedy
-        decoding takes the argmax of bf16 logits as they are (exact), the sampler widens the
-        rest to fp32 (a [B, V] fp32 copy was 4 ms of a 110 ms decode step at B=160)."""
+        """Logits in the lm_head's dtype from the fp32 final hidden state, on rank 0 (None on the
+        other tensor-parallel ranks). Left unwidened: greedy decoding takes the argmax of bf16
+        logits as they are (exact), the sampler widens the rest to fp32 (a [B, V] fp32 copy was
+        4 ms of a 110 ms decode step at B=160)."""
         weight = self.lm_head.weight
-        return self.lm_head(hidden if weight.dtype == hidden.dtype else hidden.to(weight.dtype))
+        return self.lm_head.logits(
+            hidden if weight.dtype == hidden.dtype else hidden.to(weight.dtype)
+        )
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
@@ -182,7 +218,12 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} matches no model parameter")
             param = params[target]
-            if shard is None:
+            module_name, _, _ = target.rpartition(".")
+            module = modules[module_name]
+            if shard is None and hasattr(module, "load_weight"):  # split across ranks
+                module.load_weight(param, tensor)
+                loaded.add(target)
+            elif shard is None:
                 if param.shape != tensor.shape:
                     raise ValueError(
                         f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
@@ -190,8 +231,7 @@ class LlamaForCausalLM(nn.Module):
                 param.data.copy_(tensor)
                 loaded.add(target)
             else:
-                module_name, _, _ = target.rpartition(".")
-                modules[module_name].load_shard(param, tensor, shard)
+                module.load_shard(param, tensor, shard)
                 loaded.add(f"{target}#{shard}")
         self._check_all_loaded(params, modules, loaded)
 
@@ -202,11 +242,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             module_name, _, _ = name.rpartition(".")
             module = modules[module_name]
-            if isinstance(module, FusedLinear):
+            if isinstance(module, ColumnParallelLinear):
                 missing += [
-                    f"{name}#{i}"
-                    for i in range(len(module.shard_sizes))
-                    if f"{name}#{i}" not in loaded
+                    f"{name}#{i}" for i in range(len(module.shards)) if f"{name}#{i}" not in loaded
                 ]
             elif name not in loaded:
                 missing.append(name)
