@@ -243,12 +243,17 @@ def build_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = make_arg_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = make_arg_parser().parse_args(argv)
     logging.basicConfig(
         level=envs.log_level(), format="%(levelname)s %(asctime)s %(name)s: %(message)s"
     )
     try:
         config, engine_args = config_from_namespace(ns)
+        if config.data_parallel_size > 1:
+            from pagedllm.entrypoints.openai.dp_server import serve_data_parallel
+
+            return serve_data_parallel(config, argv)
         server, sock = build_server(config, engine_args)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ class ServerConfig:
     body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S
     uvicorn_log_level: str = "info"
     access_log: bool = True
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -54,6 +55,8 @@ class ServerConfig:
         for name in ("header_read_timeout", "body_read_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if self.api_key == "":
             raise ValueError("api_key must not be empty")
         if self.metrics_api_key == "":
@@ -154,6 +157,15 @@ def make_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not log one line per HTTP request",
     )
+    parser.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="run this many engine replicas (each a server process on loopback with its share "
+        "of the cores) behind this one, which routes each request to the least-loaded replica "
+        "or to the one that cached its prompt's prefix (see docs/distributed.md) "
+        "(default: %(default)s)",
+    )
     engine = parser.add_argument_group("engine", "engine options (EngineArgs fields)")
     add_engine_args(engine)  # type: ignore[arg-type]
     return parser
@@ -191,6 +203,7 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         body_read_timeout=ns.body_read_timeout,
         uvicorn_log_level=ns.uvicorn_log_level,
         access_log=not ns.disable_uvicorn_access_log,
+        data_parallel_size=ns.data_parallel_size,
     )
     return server, engine_args
 

@@ -1,0 +1,105 @@
+"""``pagedllm serve --data-parallel-size 2`` (a real front end and two replica processes):
+64 concurrent requests spread over both replicas (their own metrics say so) with every answer
+the single engine's greedy one, and a shared ~200-token system prompt routed to the replica
+that cached it (its prefix-cache hits count the tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+
+from pagedllm import LLM, SamplingParams
+from tests.entrypoints.openai.utils import (
+    parse_metrics,
+    run_server_process,
+    tokenize,
+    wait_healthy,
+)
+from tests.utils import TINY_CORPUS
+
+NUM_REQUESTS = 64
+MAX_TOKENS = 12
+
+
+def _by_replica(url: str, name: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for (metric, labels), value in parse_metrics(text).items():
+        if metric == name:
+            replica = dict(labels)["replica"]
+            out[replica] = out.get(replica, 0.0) + value
+    return out
+
+
+def test_two_replicas_share_the_load_and_keep_prefixes(tiny_llama_dir):
+    prompts = [f"{i} the quick brown fox {i % 7} jumps" for i in range(NUM_REQUESTS)]
+    system = TINY_CORPUS[:700]
+    questions = [f"question {i}: hello world?" for i in range(5)]
+    chats = [
+        [{"role": "system", "content": system}, {"role": "user", "content": q}] for q in questions
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    with LLM(tiny_llama_dir, dtype="float32", kv_cache_memory=2**24) as llm:
+        want = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        want_chat = [o.outputs[0].text for o in llm.chat(chats, params, use_tqdm=False)]
+    args = [
+        tiny_llama_dir,
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "tiny",
+        "--kv-cache-memory",
+        str(2**24),
+        "--data-parallel-size",
+        "2",
+    ]
+    with run_server_process(args) as (proc, url, lines):
+        wait_healthy(url, alive=lambda: proc.poll() is None)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        async def one(prompt: str) -> str:
+            out = await client.completions.create(
+                model="tiny",
+                prompt=prompt,
+                max_tokens=MAX_TOKENS,
+                temperature=0.0,
+                extra_body={"ignore_eos": True},
+            )
+            return out.choices[0].text
+
+        async def all_at_once() -> list[str]:
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        assert asyncio.run(all_at_once()) == want
+        done = _by_replica(url, "pagedllm:request_success_total")
+        assert set(done) == {"0", "1"} and all(v > 0 for v in done.values()), done
+        assert sum(done.values()) == NUM_REQUESTS
+        routed = _by_replica(url, "pagedllm:dp_requests_routed_total")
+        assert routed == done
+
+        # the shared system prompt: the first chat lands somewhere, the rest follow it there
+        sync = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        system_tokens = len(tokenize(url, messages=chats[0][:1]))
+        assert system_tokens >= 200
+        hits_before = _by_replica(url, "pagedllm:prefix_cache_hits_total")
+        answers = []
+        for chat in chats:
+            out = sync.chat.completions.create(
+                model="tiny",
+                messages=chat,
+                max_tokens=MAX_TOKENS,
+                temperature=0.0,
+                extra_body={"ignore_eos": True},
+            )
+            answers.append(out.choices[0].message.content)
+        assert answers == want_chat
+        prefix_routed = _by_replica(url, "pagedllm:dp_requests_prefix_routed_total")
+        owner = max(prefix_routed, key=prefix_routed.get)
+        assert prefix_routed[owner] == len(chats) - 1
+        hits = _by_replica(url, "pagedllm:prefix_cache_hits_total")
+        gained = {r: hits[r] - hits_before.get(r, 0.0) for r in hits}
+        # each later chat reused the system prompt's whole blocks on the owner, none elsewhere
+        assert gained[owner] >= (len(chats) - 1) * (system_tokens // 16 * 16) * 0.9
+        assert all(v == 0 for r, v in gained.items() if r != owner), gained
