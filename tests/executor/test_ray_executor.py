@@ -10,39 +10,28 @@ import sys
 import time
 
 import pytest
+import ray
 
-# Before Ray is imported: its services on loopback, like the cluster the engine would start.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-import ray  # noqa: E402
-
-from pagedllm import SamplingParams  # noqa: E402
-from pagedllm.config import EngineArgs  # noqa: E402
-from pagedllm.engine.llm_engine import LLMEngine  # noqa: E402
-from pagedllm.executor.base import free_port  # noqa: E402
-from tests.utils import assert_no_leak, check_logits_parity  # noqa: E402
+from pagedllm import SamplingParams
+from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.executor.base import WorkerDiedError, free_port
+from tests.utils import assert_no_leak, check_logits_parity
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def _ray_tp2_engine(model_dir: str, **overrides) -> LLMEngine:
+    args = dict(
+        model=model_dir,
+        dtype="float32",
+        tensor_parallel_size=2,
+        distributed_executor_backend="ray",
+        speculative_config=None,
+    )
+    return LLMEngine(EngineArgs(**(args | overrides)))
 
 
 def test_tp2_as_ray_actors_matches_transformers(ray_cluster, tiny_llama_dir):
-    engine = LLMEngine(
-        EngineArgs(
-            model=tiny_llama_dir,
-            dtype="float32",
-            tensor_parallel_size=2,
-            distributed_executor_backend="ray",
-            block_size=5,
-            num_kv_blocks=4096 // 5,
-            speculative_config=None,
-        )
-    )
+    engine = _ray_tp2_engine(tiny_llama_dir, block_size=5, num_kv_blocks=4096 // 5)
     try:
         # rank 1 is an actor of this cluster, in its own process
         pids = engine.executor.collective_rpc("pid", all_ranks=True)
@@ -68,6 +57,22 @@ def test_tp2_as_ray_actors_matches_transformers(ray_cluster, tiny_llama_dir):
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2  # the actor and its bundle are gone
+
+
+def test_a_lost_actor_fails_the_engine_quickly(ray_cluster, tiny_llama_dir):
+    engine = _ray_tp2_engine(tiny_llama_dir, num_kv_blocks=64)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        engine.add_request("0", [5, 6, 7], params)
+        engine.step()
+        ray.kill(engine.executor._actors[0])
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="Ray tensor-parallel worker"):
+            while time.monotonic() - t0 < 60:
+                engine.step()
+        assert time.monotonic() - t0 < 30
+    finally:
+        engine.shutdown()
 
 
 def test_unreachable_ray_address_fails_within_seconds(tiny_llama_dir):

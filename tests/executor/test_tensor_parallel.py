@@ -77,7 +77,10 @@ def test_logits_match_transformers(variant_dirs, variant, tp):
         engine.shutdown()
 
 
-def test_smollm2_tp3_greedy_equals_tp1(default_gguf, smol_llm):
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_smollm2_tp3_greedy_equals_tp1(default_gguf, smol_llm, backend, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
     prompts = [
         *CHAT_PROMPTS,
         "Name the planets of the solar system.",
@@ -90,6 +93,7 @@ def test_smollm2_tp3_greedy_equals_tp1(default_gguf, smol_llm):
         default_gguf,
         dtype="float32",
         tensor_parallel_size=3,
+        distributed_executor_backend=backend,
         kv_cache_memory=64 * 2**20,
         max_model_len=2048,
     ) as llm:
