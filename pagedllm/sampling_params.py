@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 # The float fields and the closed range each must lie in. NOTE: every check is written so that
 # NaN fails it (NaN compares false with everything), and infinities are out of every range.
@@ -16,6 +18,66 @@ FLOAT_RANGES = {
     # Logits are divided or multiplied by it: 1e-300 would overflow them to inf.
     "repetition_penalty": (0.01, 100.0),
 }
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's names): exactly one of ``json`` (a JSON schema, as a
+    dict or a JSON string), ``json_object`` (any JSON object), ``regex``, ``choice`` (one of
+    the strings, verbatim) or ``grammar`` (EBNF/GBNF, rule ``root`` first). The output is
+    decoded under the grammar token by token; it ends with an end-of-sequence token once the
+    grammar is complete (or at max_tokens, possibly incomplete)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON only: no whitespace between tokens of the JSON value, which keeps small models from
+    # spending their tokens on indentation (vLLM's flag of the same name).
+    disable_any_whitespace: bool = False
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one of json, json_object, regex, choice, "
+                f"grammar; got {given or 'none'}"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or any(not isinstance(c, str) or not c for c in self.choice)
+        ):
+            raise ValueError(
+                "structured_outputs.choice must be a non-empty list of non-empty strings"
+            )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple:
+        """Identifies the compiled grammar (two requests with the same key share it)."""
+        value = getattr(self, self.kind)
+        if self.kind == "json":
+            value = json.dumps(value, sort_keys=True)
+        elif self.kind == "choice":
+            value = tuple(value)
+        return (self.kind, value, self.disable_any_whitespace)
 
 
 @dataclass
@@ -38,6 +100,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled in by the engine: EOS ids (unless ignore_eos) plus stop_token_ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -46,6 +109,12 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            fields = self.structured_outputs
+            unknown = set(fields) - set(StructuredOutputsParams.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown fields: {sorted(unknown)}")
+            self.structured_outputs = StructuredOutputsParams(**fields)
         if self.top_k in (0, -1):  # vLLM users pass -1 (or 0) for "disabled"
             self.top_k = None
         self._validate()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -44,6 +46,10 @@ class SchedulerOutput:
     # Draft tokens after a decode's newest token: the runner samples a token at each of the
     # 1 + len(drafts) positions and keeps the drafts it agrees with.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Structured outputs: for each constrained request that samples this step, the tokens its
+    # grammar allows at each of its 1 + len(drafts) sampled positions, as a bitmask
+    # ([rows, ceil(vocab / 32)] int32, bit t of word t // 32 set: token t allowed).
+    grammar_bitmasks: dict[str, np.ndarray] = field(default_factory=dict)
     # Requests preempted or finished since the previous step: the runner drops their state.
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: set[str] = field(default_factory=set)

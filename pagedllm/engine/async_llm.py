@@ -32,7 +32,7 @@ from pagedllm.engine.scheduler import SchedulerStats
 from pagedllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger
 from pagedllm.executor import WorkerDiedError
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class AsyncLLM:
         self.state = EngineState.LOADING
         self.error: BaseException | None = None
         self._info: EngineInfo | None = None
+        self._structured_output: Any = None  # the engine's StructuredOutputManager
         # Latest scheduler snapshot; replaced (never mutated) by the worker.
         self.stats: SchedulerStats | None = None
         # NOTE: worker-thread only: the streams of requests the engine is running.
@@ -184,6 +185,13 @@ class AsyncLLM:
             raise
         return stream
 
+    async def compile_structured_output(self, params: StructuredOutputsParams) -> None:
+        """Compile a request's grammar on a worker thread and cache it, so that add_request
+        finds it compiled and a slow compile never stalls the engine's steps. Raises
+        ValueError for a bad schema, regex or grammar."""
+        self._check_alive()
+        await asyncio.to_thread(self._structured_output.compile, params)
+
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
@@ -219,6 +227,7 @@ class AsyncLLM:
         try:
             engine = self._engine_factory(self.args)
             _warm_up(engine)
+            self._structured_output = engine.structured_output
             tokenizer = _private_copy(engine.tokenizer)
             self._info = EngineInfo(
                 model=engine.model_config.model,

@@ -27,6 +27,7 @@ from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler, SchedulerStats
+from pagedllm.engine.structured_output import StructuredOutputManager
 from pagedllm.executor import create_executor
 from pagedllm.model_executor.loader import (
     load_hf_config,
@@ -153,8 +154,15 @@ class LLMEngine:
             proposer = NgramProposer(self.speculative_config)
             if self.speculative_config.adaptive:
                 draft_policy = DraftPolicy()
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, arch.vocab_size, self.model_config.eos_token_ids
+        )
         self.scheduler = Scheduler(
-            self.scheduler_config, self.kv_cache_manager, proposer, draft_policy
+            self.scheduler_config,
+            self.kv_cache_manager,
+            proposer,
+            draft_policy,
+            self.structured_output,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps = 0
@@ -192,6 +200,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
         params = self._finalize_params(params, len(prompt_ids))
+        if params.structured_outputs is not None:
+            # A cache hit when the server compiled it beforehand, off this thread.
+            self.structured_output.compile(params.structured_outputs)
         samples, requests = {}, []
         for i in range(params.n):
             child_params = params
@@ -200,7 +211,12 @@ class LLMEngine:
                 if params.seed is not None:
                     child_params.seed = params.seed + i
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            req = Request(child_id, prompt_ids, child_params, arrival_time, group_id or request_id)
+            grammar = None
+            if params.structured_outputs is not None:
+                grammar = self.structured_output.new_matcher(params.structured_outputs)
+            req = Request(
+                child_id, prompt_ids, child_params, arrival_time, group_id or request_id, grammar
+            )
             requests.append(req)
             samples[child_id] = SampleState(
                 index=i,

@@ -10,6 +10,7 @@ from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.block_pool import BlockKey
+    from pagedllm.engine.structured_output.backend import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +50,7 @@ class Request:
         sampling_params: SamplingParams,
         arrival_time: float | None = None,
         group_id: str | None = None,
+        grammar: GrammarMatcher | None = None,
     ) -> None:
         self.req_id = req_id
         # The API call it came from (its prompts x n samples); admission is fair between groups.
@@ -67,6 +69,9 @@ class Request:
         self.first_token_time: float | None = None
         # Draft tokens to verify after the newest token in the next step (speculative decoding).
         self.spec_token_ids: list[int] = []
+        # Structured outputs: the request's position in its grammar (its own, also for each
+        # of n samples), advanced by every token it generates.
+        self.grammar = grammar
         # How many of its tokens and blocks the step messages have carried to the model runner
         # (it keeps them between steps; see scheduler_output.py).
         self.num_tokens_sent = 0

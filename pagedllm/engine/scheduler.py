@@ -14,6 +14,7 @@ from pagedllm.engine.draft_policy import DraftPolicy
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.structured_output import StructuredOutputManager
 from pagedllm.engine.waiting_queue import WaitingQueue, max_seats_per_group
 from pagedllm.scheduler_output import (
     CachedRequestData,
@@ -55,8 +56,10 @@ class Scheduler:
         kv_cache_manager: KVCacheManager,
         proposer: NgramProposer | None = None,
         draft_policy: DraftPolicy | None = None,
+        structured_output: StructuredOutputManager | None = None,
     ) -> None:
         self.config = config
+        self.structured_output = structured_output
         self.kv_cache_manager = kv_cache_manager
         self.proposer = proposer
         self.draft_policy = draft_policy
@@ -168,6 +171,8 @@ class Scheduler:
             self._schedule_new(out, request, num_new)
             budget -= num_new
 
+        if self.structured_output is not None:
+            self._grammar_bitmasks(out)
         out.preempted_req_ids = [r.req_id for r in preempted]
         out.finished_req_ids = self.finished_req_ids
         self.finished_req_ids = set()
@@ -206,6 +211,8 @@ class Scheduler:
             new = []
             for tok in tokens:
                 request.append_output_token(tok.token_id)
+                if request.grammar is not None:
+                    StructuredOutputManager.accept(request, tok.token_id)
                 new.append(tok)
                 self._check_stop(request)
                 if request.is_finished:
@@ -283,6 +290,21 @@ class Scheduler:
         else:
             out.num_prefill_tokens += num_new
 
+    def _grammar_bitmasks(self, out: SchedulerOutput) -> None:
+        """The masks of the constrained requests that sample this step (their last prompt
+        chunk, or a decode with its drafts)."""
+        assert self.structured_output is not None
+        for req_id, num_tokens in out.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            if request.grammar is None:
+                continue
+            drafts = out.spec_token_ids.get(req_id, [])
+            if request.num_computed_tokens + num_tokens - len(drafts) < request.num_tokens:
+                continue  # a prompt chunk that does not end the prompt: nothing is sampled
+            mask = self.structured_output.bitmask(request, drafts)
+            if mask is not None:
+                out.grammar_bitmasks[req_id] = mask
+
     def _observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         assert self.draft_policy is not None
         self.draft_policy.observe_step(
@@ -312,7 +334,12 @@ class Scheduler:
             request.max_tokens - request.num_output_tokens,
             self.config.max_model_len - request.num_tokens,
         )
-        return self.proposer.propose(request, room - 1 if limit is None else min(limit, room - 1))
+        drafts = self.proposer.propose(
+            request, room - 1 if limit is None else min(limit, room - 1)
+        )
+        if request.grammar is not None and self.structured_output is not None:
+            drafts = self.structured_output.valid_drafts(request, drafts)
+        return drafts
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
+from pagedllm.entrypoints.chat_templates import tool_template
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -80,12 +81,14 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
+        """``tools``: OpenAI-style tool dicts rendered into the prompt (vLLM's LLM.chat)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
             {"prompt": text, "prompt_token_ids": ids}
             for text, ids in (
-                self.apply_chat_template(c, chat_template, add_generation_prompt)
+                self.apply_chat_template(c, chat_template, add_generation_prompt, tools)
                 for c in conversations
             )
         ]
@@ -96,9 +99,10 @@ class LLM:
         messages: ChatMessages,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[str, list[int]]:
         return apply_chat_template(
-            self.engine.tokenizer, messages, chat_template, add_generation_prompt
+            self.engine.tokenizer, messages, chat_template, add_generation_prompt, tools
         )
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -126,8 +130,11 @@ def apply_chat_template(
     messages: ChatMessages,
     chat_template: str | None = None,
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[int]]:
-    """-> (prompt text, token ids). Raises ValueError for malformed messages."""
+    """-> (prompt text, token ids). Raises ValueError for malformed messages. ``tools``
+    (OpenAI's tool dicts) and tool turns in the messages are rendered with the model's template
+    if it renders tools, else with pagedllm's ChatML tool template (chat_templates/)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     for i, m in enumerate(messages):
@@ -135,14 +142,23 @@ def apply_chat_template(
             raise ValueError(f"messages[{i}] must be a dict with a 'role'")
         if m["role"] not in ("system", "user", "assistant", "tool", "developer"):
             raise ValueError(f"messages[{i}].role {m['role']!r} is not a known role")
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
         raise ValueError("the tokenizer has no chat template; pass chat_template")
+    if tools or uses_tools(messages):
+        template = tool_template(template)
     text = tokenizer.apply_chat_template(
         messages,
-        chat_template=chat_template,
+        chat_template=template,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
+        tools=tools or None,
     )
     # The template already holds any BOS token; don't add another.
     ids = tokenizer.encode(text, add_special_tokens=False)
     return text, ids
+
+
+def uses_tools(messages: ChatMessages) -> bool:
+    """Earlier tool calls or tool results in the conversation."""
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)

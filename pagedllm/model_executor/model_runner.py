@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from pagedllm.config import KV_CACHE_DTYPES
@@ -21,7 +22,7 @@ from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.request_state import RequestStates
-from pagedllm.model_executor.sampler import ExactLogits, Sampler
+from pagedllm.model_executor.sampler import ExactLogits, Sampler, apply_token_bitmask
 from pagedllm.model_executor.sampling_metadata import build_sampling_batch
 from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
 
@@ -195,6 +196,8 @@ class ModelRunner:
         if logits is None:  # a tensor-parallel rank other than 0: rank 0 samples
             return ModelRunnerOutput(sampled={})
         logits = logits[: sum(inputs.sample_num_rows)]
+        if scheduler_output.grammar_bitmasks:
+            self._apply_grammars(logits, sampling_reqs, inputs.sample_num_rows, scheduler_output)
         batch = build_sampling_batch(
             sampling_reqs, self.generators, self.arch.vocab_size, self.device
         )
@@ -223,6 +226,24 @@ class ModelRunner:
             sampled[req.req_id] = [tok]
             row += 1
         return ModelRunnerOutput(sampled=sampled)
+
+    @staticmethod
+    def _apply_grammars(
+        logits: torch.Tensor, reqs: list, num_rows: list[int], out: SchedulerOutput
+    ) -> None:
+        """Structured outputs: forbid what each constrained row's grammar does not allow (its
+        rows only; the others keep their logits untouched)."""
+        rows, masks, row = [], [], 0
+        for req, m in zip(reqs, num_rows):
+            mask = out.grammar_bitmasks.get(req.req_id)
+            if mask is not None:
+                assert mask.shape[0] == m, "one mask per sampled position"
+                rows.extend(range(row, row + m))
+                masks.append(mask)
+            row += m
+        if rows:
+            bitmask = torch.from_numpy(masks[0] if len(masks) == 1 else np.concatenate(masks))
+            apply_token_bitmask(logits, torch.tensor(rows), bitmask.to(logits.device))
 
 
 def accepted_tokens(drafts: list[int], sampled: list[int]) -> list[int]:

@@ -197,7 +197,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
     app.state.tokenizer = tokenizer
     servings = (engine, tokenizer, config.served_model_name, config.max_seqs_per_request)
     app.state.completion = OpenAIServingCompletion(*servings)
-    app.state.chat = OpenAIServingChat(*servings)
+    app.state.chat = OpenAIServingChat(*servings, tool_call_parser=config.tool_call_parser)
     # Added innermost first: a request meets the gate, then auth, the body limit, the deadline.
     app.add_middleware(BodyReadTimeout, state=state, timeout=config.body_read_timeout)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)

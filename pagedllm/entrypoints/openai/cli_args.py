@@ -11,6 +11,7 @@ from pagedllm import envs
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.engine_cli_args import add_engine_args, engine_args_from_namespace
 from pagedllm.entrypoints.openai.serving import DEFAULT_MAX_SEQS_PER_REQUEST
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSER_CHOICES
 from pagedllm.model_executor.loader import DEFAULT_MODEL_NAME
 
 DEFAULT_HOST = "127.0.0.1"
@@ -38,6 +39,7 @@ class ServerConfig:
     uvicorn_log_level: str = "info"
     access_log: bool = True
     data_parallel_size: int = 1
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -55,6 +57,11 @@ class ServerConfig:
         for name in ("header_read_timeout", "body_read_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tool_call_parser not in TOOL_PARSER_CHOICES:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_PARSER_CHOICES)}, got "
+                f"{self.tool_call_parser!r}"
+            )
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if self.api_key == "":
@@ -111,6 +118,15 @@ def make_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="file with a Jinja chat template that replaces the model's own (an inline "
         "template string is accepted too)",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=TOOL_PARSER_CHOICES,
+        help="how tool calls are read out of an answer to a request with tools and "
+        "tool_choice auto: hermes (<tool_call>{...}</tool_call>), xlam (a JSON list, "
+        "SmolLM2's format), llama3_json; auto: the format of the chat template in use "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-request-bytes",
@@ -204,6 +220,7 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         uvicorn_log_level=ns.uvicorn_log_level,
         access_log=not ns.disable_uvicorn_access_log,
         data_parallel_size=ns.data_parallel_size,
+        tool_call_parser=ns.tool_call_parser,
     )
     return server, engine_args
 

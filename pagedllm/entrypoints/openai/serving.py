@@ -22,7 +22,7 @@ from pagedllm.entrypoints.openai.errors import OpenAIError, error_body, to_opena
 from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class OpenAIServing:
         def given(value, default):
             return default if value is None else value
 
+        structured = structured_outputs_of(req)
+
         try:
             return SamplingParams(
                 n=n,
@@ -157,9 +159,24 @@ class OpenAIServing:
                 include_stop_str_in_output=given(req.include_stop_str_in_output, False),
                 logprobs=logprobs,
                 skip_special_tokens=given(req.skip_special_tokens, True),
+                structured_outputs=structured,
             )
         except ValueError as exc:
             raise OpenAIError(str(exc), param=_param_of(str(exc))) from exc
+
+    async def compile_structured_outputs(
+        self, req: SamplingRequest, params: SamplingParams
+    ) -> None:
+        """Compile the request's grammar before it enters the engine, on a worker thread: a
+        bad schema, regex or grammar is a 400 naming the field that carried it."""
+        if params.structured_outputs is not None:
+            await self.compile_grammar(params.structured_outputs, structured_outputs_param(req))
+
+    async def compile_grammar(self, spec: StructuredOutputsParams, param: str | None) -> None:
+        try:
+            await self.engine.compile_structured_output(spec)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), param=param) from exc
 
     def params_for_prompt(
         self, base: SamplingParams, requested_max_tokens: int | None, num_prompt_tokens: int
@@ -212,6 +229,68 @@ class OpenAIServing:
                 stream.abort()
             raise errors[0]
         return streams
+
+
+# The request fields that can carry a grammar, in the order they are looked at.
+STRUCTURED_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+
+
+def structured_outputs_param(req: SamplingRequest) -> str | None:
+    for name in STRUCTURED_FIELDS:
+        value = getattr(req, name)
+        if value is not None and not (name == "response_format" and value.type == "text"):
+            return name
+    return None
+
+
+def structured_outputs_of(req: SamplingRequest) -> StructuredOutputsParams | None:
+    """The grammar a request asks for, from whichever one field carries it (400 otherwise)."""
+    given = [
+        name
+        for name in STRUCTURED_FIELDS
+        if getattr(req, name) is not None
+        and not (name == "response_format" and req.response_format.type == "text")
+    ]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise OpenAIError(
+            f"give at most one of {', '.join(given)}: each sets the output's structure",
+            param=given[1],
+        )
+    name = given[0]
+    try:
+        if name == "response_format":
+            fmt = req.response_format
+            if fmt.type == "json_object":
+                return StructuredOutputsParams(json_object=True)
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise OpenAIError(
+                    "response_format of type json_schema needs json_schema.schema",
+                    param="response_format.json_schema",
+                )
+            return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        if name == "structured_outputs":
+            spec = dict(req.structured_outputs)
+            unknown = set(spec) - set(StructuredOutputsParams.__dataclass_fields__)
+            if unknown:
+                raise OpenAIError(
+                    f"structured_outputs has unknown fields {sorted(unknown)}; the known ones "
+                    "are json, json_object, regex, choice, grammar, disable_any_whitespace",
+                    param="structured_outputs",
+                )
+            return StructuredOutputsParams(**spec)
+        kind = name.removeprefix("guided_")
+        return StructuredOutputsParams(**{kind: getattr(req, name)})
+    except (ValueError, TypeError) as exc:
+        raise OpenAIError(str(exc), param=name) from exc
 
 
 def _param_of(message: str) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm.engine.request_stream import RequestStream
+from pagedllm.entrypoints.chat_templates import tool_template
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
@@ -37,7 +38,16 @@ from pagedllm.entrypoints.openai.serving import (
     random_id,
     sse,
     sse_error,
+    structured_outputs_param,
 )
+from pagedllm.entrypoints.openai.tool_calls import (
+    ToolCallStream,
+    message_tool_calls_json,
+    parser_for,
+    tool_calls_of,
+    tool_plan,
+)
+from pagedllm.entrypoints.openai.tool_parsers import ToolParser, get_tool_parser
 from pagedllm.outputs import CompletionOutput
 
 # Content-part types of other modalities -> what to call them in the error.
@@ -54,25 +64,23 @@ NON_TEXT_PARTS = {
 
 
 def check_messages(messages: list[ChatMessage]) -> None:
-    """400 for what this server cannot honour, rather than dropping it: tool-call turns (until
-    tool calling exists) and content parts that are not text."""
+    """400 for what this server cannot honour, rather than dropping it: content parts that are
+    not text, and tool-call turns it could not render back."""
     if not messages:
         raise OpenAIError("messages must be a non-empty list", param="messages")
     for i, m in enumerate(messages):
         where = f"messages.{i}"
-        if m.tool_calls or m.function_call is not None:
-            field = "tool_calls" if m.tool_calls else "function_call"
+        if m.function_call is not None:
             raise OpenAIError(
-                "tool calling is not supported by this server, so a conversation with tool "
-                "calls cannot be continued",
-                param=f"{where}.{field}",
+                "function_call (OpenAI's deprecated form) is not supported: use tool_calls",
+                param=f"{where}.function_call",
             )
-        if m.role == "tool" or m.tool_call_id is not None:
-            raise OpenAIError(
-                "tool calling is not supported by this server: 'tool' messages (tool_call_id) "
-                "cannot be used",
-                param=f"{where}.role" if m.role == "tool" else f"{where}.tool_call_id",
-            )
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise OpenAIError("only assistant messages carry tool_calls", param=f"{where}.role")
+            message_tool_calls_json(m.tool_calls, where)
+        if m.role == "tool" and not isinstance(m.content, (str, list)):
+            raise OpenAIError("a tool message needs content", param=f"{where}.content")
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
                 _check_part(part, f"{where}.content.{j}")
@@ -102,40 +110,62 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args: Any, tool_call_parser: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_call_parser = tool_call_parser
+
     async def create(self, req: ChatCompletionRequest) -> Response:
         self.check_model(req.model)
         num_top = self._check(req)
+        plan = tool_plan(req)
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
         )
         base = self.base_params(req, max_tokens, num_top)
         self.check_fan_out(1, base.n)
+        if plan.grammar is not None:
+            if base.structured_outputs is not None:
+                raise OpenAIError(
+                    f"tool_choice {plan.mode!r} sets the output's structure; it cannot be "
+                    f"combined with {structured_outputs_param(req)}",
+                    param="tool_choice",
+                )
+            base.structured_outputs = plan.grammar
+            await self.compile_grammar(plan.grammar, "tools")
+        else:
+            await self.compile_structured_outputs(req, base)
         add_generation_prompt = req.add_generation_prompt is not False
+        tools = plan.tools if plan.renders_tools else None
         text, ids = await self.tokenizer.apply_chat_template(
-            messages_to_dicts(req.messages), add_generation_prompt
+            messages_to_dicts(req.messages), add_generation_prompt, tools
         )
+        parser = parser_for(plan, self._server_tool_parser() if plan.mode == "auto" else None)
         params = self.params_for_prompt(base, max_tokens, len(ids))
         request_id = random_id("chatcmpl")
         [stream] = await self.add_prompts(request_id, [PromptInput(text, ids)], [params])
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, created, stream, num_top))
-        return await self._full(request_id, created, stream, num_top)
+            return SSEResponse(self._stream(req, request_id, created, stream, num_top, parser))
+        return await self._full(request_id, created, stream, num_top, parser)
+
+    def _server_tool_parser(self) -> ToolParser:
+        template = self.tokenizer.template
+        own = template is not None and tool_template(template) != template
+        return get_tool_parser(self.tool_call_parser, template, own_template=own)
 
     @staticmethod
     def _check(req: ChatCompletionRequest) -> int | None:
         """Validate chat-only fields; -> the number of top logprobs to ask for (None: none)."""
         check_messages(req.messages)
-        if req.tools:
-            raise OpenAIError("tool calling is not supported", param="tools")
-        for name in ("tool_choice", "parallel_tool_calls"):
-            if getattr(req, name) is not None:
-                raise OpenAIError(f"{name} is only allowed when tools are given", param=name)
         if req.top_logprobs is not None:
             if not req.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs=true", param="top_logprobs")
@@ -149,7 +179,12 @@ class OpenAIServingChat(OpenAIServing):
         return req.top_logprobs or 0
 
     async def _full(
-        self, request_id: str, created: int, stream: RequestStream, num_top: int | None
+        self,
+        request_id: str,
+        created: int,
+        stream: RequestStream,
+        num_top: int | None,
+        parser: ToolParser | None,
     ) -> Response:
         final = None
         async for _, out in merge_streams([stream]):
@@ -160,12 +195,20 @@ class OpenAIServingChat(OpenAIServing):
             logprobs = None
             if num_top is not None and c.logprobs is not None:
                 logprobs = ChatLogprobs(content=chat_logprobs(c.token_ids, c.logprobs, num_top))
+            message, finish_reason = ChatResponseMessage(content=c.text), c.finish_reason
+            if parser is not None:
+                parsed = parser.parse_final(c.text)
+                if parsed.calls:
+                    message = ChatResponseMessage(
+                        content=parsed.content.strip() or None, tool_calls=tool_calls_of(parsed)
+                    )
+                    finish_reason = "tool_calls"
             choices.append(
                 ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=c.text),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=c.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=c.stop_reason,
                 )
             )
@@ -186,6 +229,7 @@ class OpenAIServingChat(OpenAIServing):
         created: int,
         stream: RequestStream,
         num_top: int | None,
+        parser: ToolParser | None,
     ) -> AsyncIterator[str]:
         include_usage = req.stream_options is not None and bool(req.stream_options.include_usage)
 
@@ -201,6 +245,7 @@ class OpenAIServingChat(OpenAIServing):
 
         n = 1 if req.n is None else req.n
         num_chars, num_tokens, finished = [0] * n, [0] * n, [False] * n
+        calls = [ToolCallStream(parser) for _ in range(n)] if parser is not None else None
         num_prompt = 0
         try:
             for i in range(n):
@@ -213,14 +258,26 @@ class OpenAIServingChat(OpenAIServing):
                     i = c.index
                     if finished[i]:
                         continue
-                    text, new_ids = c.text[num_chars[i] :], c.token_ids[num_tokens[i] :]
-                    if not text and c.finish_reason is None and (num_top is None or not new_ids):
+                    new_ids = c.token_ids[num_tokens[i] :]
+                    finish_reason, tool_deltas = c.finish_reason, None
+                    if calls is None:
+                        text = c.text[num_chars[i] :]
+                    else:
+                        text, tool_deltas = calls[i].feed(c.text, c.finish_reason is not None)
+                        if calls[i].called and finish_reason is not None:
+                            finish_reason = "tool_calls"
+                    if (
+                        not text
+                        and not tool_deltas
+                        and c.finish_reason is None
+                        and (num_top is None or not new_ids)
+                    ):
                         continue
                     choice = ChatStreamChoice(
                         index=i,
-                        delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                        delta=DeltaMessage(content=text or None, tool_calls=tool_deltas or None),
                         logprobs=self._delta_logprobs(c, num_tokens[i], num_top),
-                        finish_reason=c.finish_reason,
+                        finish_reason=finish_reason,
                     )
                     num_chars[i], num_tokens[i] = len(c.text), len(c.token_ids)
                     finished[i] = c.finish_reason is not None
@@ -252,7 +309,21 @@ def _chunk_json(chunk: ChatCompletionChunk, include_usage: bool) -> str:
     the client asked for it (null until the final usage chunk)."""
     data = chunk.model_dump(mode="json")
     for choice in data["choices"]:
-        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        choice["delta"] = chunk_delta(choice["delta"])
     if not include_usage:
         data.pop("usage", None)
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def chunk_delta(delta: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys a delta sets, also inside its tool calls."""
+    out = {k: v for k, v in delta.items() if v is not None}
+    if "tool_calls" in out:
+        out["tool_calls"] = [
+            {
+                **{k: v for k, v in call.items() if v is not None and k != "function"},
+                "function": {k: v for k, v in call["function"].items() if v is not None},
+            }
+            for call in out["tool_calls"]
+        ]
+    return out

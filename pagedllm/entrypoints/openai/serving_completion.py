@@ -51,6 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
         base = self.base_params(req, req.max_tokens, req.logprobs)
         items = self._prompt_items(req.prompt)
         self.check_fan_out(len(items), base.n)
+        await self.compile_structured_outputs(req, base)
         prompts = await self._tokenize(items)
         params = [self.params_for_prompt(base, req.max_tokens, len(p.token_ids)) for p in prompts]
         echo_texts = await self._echo_texts(req, prompts)

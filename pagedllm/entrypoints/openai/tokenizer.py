@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any, TypeVar
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.chat_templates import ToolTemplateError
 from pagedllm.entrypoints.llm import apply_chat_template
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.model_executor.malloc_tuning import release_free_memory
@@ -103,21 +105,34 @@ class AsyncTokenizer:
         )
 
     async def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[str, list[int]]:
         """-> (prompt text, token ids); ValueError for malformed messages or a broken template."""
         num_chars = sum(len(str(m.get("content") or "")) for m in messages)
+        num_chars += len(json.dumps(tools)) if tools else 0
         self.check_length(num_chars, "messages")
 
         def render(tok: Any) -> tuple[str, list[int]]:
             try:
-                return apply_chat_template(tok, messages, self.chat_template, add_generation_prompt)
+                return apply_chat_template(
+                    tok, messages, self.chat_template, add_generation_prompt, tools
+                )
+            except ToolTemplateError as exc:
+                raise OpenAIError(str(exc), param="tools" if tools else "messages") from exc
             except ValueError:
                 raise
             except Exception as exc:  # jinja raises its own errors (e.g. raise_exception())
                 raise ValueError(f"the chat template failed on these messages: {exc}") from exc
 
         return await self._run(num_chars, render)
+
+    @property
+    def template(self) -> str | None:
+        """The chat template in use: ``--chat-template`` or the model's."""
+        return self.chat_template or getattr(self.tokenizer, "chat_template", None)
 
     def shutdown(self) -> None:
         for executor in (self._fast, self._bulk):

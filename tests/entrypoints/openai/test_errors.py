@@ -145,7 +145,8 @@ CASES = [
         400,
         "messages.0.content.0.text",
     ),
-    # Tool-call turns must not be silently dropped while tool calling does not exist.
+    # Tool turns and tools the tiny model's (non-ChatML) template cannot render: a 400, never
+    # silently dropped.
     (
         "chat-assistant-tool-calls",
         chat(
@@ -159,22 +160,44 @@ CASES = [
             ]
         ),
         400,
-        "messages.1.tool_calls",
+        "messages",
+    ),
+    (
+        "chat-assistant-tool-calls-without-name",
+        chat(
+            messages=[
+                *GOOD_MESSAGES,
+                {"role": "assistant", "tool_calls": [{"id": "c1", "function": {}}]},
+            ]
+        ),
+        400,
+        "messages.1.tool_calls.0.function",
     ),
     (
         "chat-tool-message",
         chat(messages=[*GOOD_MESSAGES, {"role": "tool", "tool_call_id": "c1", "content": "4"}]),
         400,
-        "messages.1.role",
+        "messages",
     ),
     (
         "tokenize-tool-message",
         ("POST", "/tokenize", {"messages": [{"role": "tool", "content": "4"}]}),
         400,
-        "messages.0.role",
+        "messages",
+    ),
+    (
+        "chat-function-call",
+        chat(messages=[{"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]),
+        400,
+        "messages.0.function_call",
     ),
     ("chat-tool-choice-without-tools", chat(tool_choice="auto"), 400, "tool_choice"),
-    ("chat-parallel-tool-calls-without-tools", chat(parallel_tool_calls=True), 400, None),
+    (
+        "chat-parallel-tool-calls-without-tools",
+        chat(parallel_tool_calls=True),
+        400,
+        "parallel_tool_calls",
+    ),
     # NaN and Infinity (the JSON parser accepts the literals) and absurd magnitudes.
     *(
         (f"{path}-{field}-{literal}", non_finite(path, field, literal), 400, field)

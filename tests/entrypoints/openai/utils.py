@@ -181,6 +181,19 @@ def get_metric(url: str, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in parse_metrics(text).items() if n == name and want <= ls)
 
 
+def wait_idle(url: str, timeout: float = 10.0) -> None:
+    """Every request done and every KV block free again (per /metrics)."""
+    wait_until(
+        lambda: (
+            get_metric(url, "pagedllm:num_requests_running") == 0
+            and get_metric(url, "pagedllm:num_requests_waiting") == 0
+            and get_metric(url, "pagedllm:kv_cache_usage_perc") == 0.0
+        ),
+        timeout,
+        "the server to go idle with every KV block free",
+    )
+
+
 def tokenize(url: str, prompt: str | None = None, messages: list | None = None) -> list[int]:
     body: dict[str, Any] = {"prompt": prompt} if messages is None else {"messages": messages}
     resp = httpx.post(url + "/tokenize", json=body, timeout=30)
