@@ -334,9 +334,7 @@ class Scheduler:
             request.max_tokens - request.num_output_tokens,
             self.config.max_model_len - request.num_tokens,
         )
-        drafts = self.proposer.propose(
-            request, room - 1 if limit is None else min(limit, room - 1)
-        )
+        drafts = self.proposer.propose(request, room - 1 if limit is None else min(limit, room - 1))
         if request.grammar is not None and self.structured_output is not None:
             drafts = self.structured_output.valid_drafts(request, drafts)
         return drafts

@@ -22,7 +22,7 @@ from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.request_state import RequestStates
-from pagedllm.model_executor.sampler import ExactLogits, Sampler, apply_token_bitmask
+from pagedllm.model_executor.sampler import ExactLogits, Sampler
 from pagedllm.model_executor.sampling_metadata import build_sampling_batch
 from pagedllm.scheduler_output import ModelRunnerOutput, SampledToken, SchedulerOutput
 
@@ -227,9 +227,8 @@ class ModelRunner:
             row += 1
         return ModelRunnerOutput(sampled=sampled)
 
-    @staticmethod
     def _apply_grammars(
-        logits: torch.Tensor, reqs: list, num_rows: list[int], out: SchedulerOutput
+        self, logits: torch.Tensor, reqs: list, num_rows: list[int], out: SchedulerOutput
     ) -> None:
         """Structured outputs: forbid what each constrained row's grammar does not allow (its
         rows only; the others keep their logits untouched)."""
@@ -243,7 +242,9 @@ class ModelRunner:
             row += m
         if rows:
             bitmask = torch.from_numpy(masks[0] if len(masks) == 1 else np.concatenate(masks))
-            apply_token_bitmask(logits, torch.tensor(rows), bitmask.to(logits.device))
+            self.backend.kernels.apply_token_bitmask(
+                logits, torch.tensor(rows), bitmask.to(logits.device)
+            )
 
 
 def accepted_tokens(drafts: list[int], sampled: list[int]) -> list[int]:

@@ -169,14 +169,6 @@ def greedy_argmax(
     return ids
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set ``logits[rows[i], t]`` to -inf where bit t of ``bitmask[i]`` (word t // 32) is 0,
-    in place, in the logits' own dtype. Tokens past the logits' width are ignored."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-
-
 def rounding_step(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of ``dtype`` values at |x| (fp32 values in, fp32 out)."""
     _, exponent = torch.frexp(x)

@@ -1,6 +1,7 @@
 """The ray backend: tensor-parallel ranks as Ray actors on a local Ray cluster the test starts
 (on loopback), the same Worker code as mp: logits match transformers at TP 2, generation leaves
-nothing behind on any rank, and an address where no cluster answers fails within seconds."""
+nothing behind on any rank, an OpenAI server over Ray actors answers the official client as one
+rank does, and an address where no cluster answers fails within seconds."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import subprocess
 import sys
 import time
 
+import openai
 import pytest
 import ray
 
-from pagedllm import SamplingParams
+from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.executor.base import WorkerDiedError, free_port
@@ -87,3 +89,38 @@ def test_unreachable_ray_address_fails_within_seconds(tiny_llama_dir):
     assert proc.returncode != 0
     assert f"--ray-address {address}: no Ray cluster answers there" in proc.stderr
     assert time.monotonic() - t0 < 60  # interpreter + imports; Ray alone would retry minutes
+
+
+def test_openai_server_over_ray_actors_answers_like_one_rank(ray_cluster, tiny_llama_dir):
+    from tests.entrypoints.openai.utils import run_server, wait_idle
+
+    prompts = ["hello world", "The quick brown fox", "Paged attention keeps"]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with LLM(tiny_llama_dir, dtype="float32", kv_cache_memory=2**24) as llm:
+        want = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        chat = [{"role": "user", "content": "hello world"}]
+        want_chat = llm.chat(chat, params, use_tqdm=False)[0].outputs[0].text
+    args = [tiny_llama_dir, "--dtype", "float32", "--tensor-parallel-size", "2"]
+    args += ["--distributed-executor-backend", "ray", "--kv-cache-memory", str(2**24)]
+    with run_server(args) as server:
+        assert ray.available_resources().get("CPU", 0) == 1  # rank 1 is an actor of ours
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        for prompt, text in zip(prompts, want):
+            got = client.completions.create(
+                model=None,
+                prompt=prompt,
+                max_tokens=12,
+                temperature=0.0,
+                extra_body={"ignore_eos": True},
+            )
+            assert got.choices[0].text == text
+        chunks = client.chat.completions.create(
+            model=None,
+            messages=chat,
+            max_tokens=12,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_chat
+        wait_idle(server.url)

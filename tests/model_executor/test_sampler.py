@@ -11,7 +11,6 @@ from pagedllm.model_executor.sampler import (
     Sampler,
     SamplingBatch,
     apply_penalties,
-    apply_token_bitmask,
     apply_top_k_top_p,
     greedy_argmax,
 )
@@ -212,20 +211,32 @@ def test_argmax_gap_rows_matches_top2(ops, dtype, vocab):
     torch.testing.assert_close(gaps, top2[:, 0] - top2[:, 1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("isa", backend_names())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [5, 32, 100])
-def test_token_bitmask_forbids_exactly_the_cleared_bits_of_its_rows(dtype, vocab):
+@pytest.mark.parametrize("vocab", [5, 32, 100, 49152])
+def test_token_bitmask_forbids_exactly_the_cleared_bits_of_its_rows(isa, dtype, vocab):
     torch.manual_seed(0)
     logits = torch.randn(4, vocab).to(dtype)
     allowed = torch.rand(2, vocab) < 0.3
     allowed[:, vocab - 1] = True  # the last token, in the last word's highest used bit
+    allowed[0, : min(64, vocab)] = False  # whole words forbidden
+    allowed[1, : min(64, vocab)] = True  # whole words allowed
     words = (vocab + 31) // 32
     bits = torch.zeros(2, words * 32, dtype=torch.int64)
     bits[:, :vocab] = allowed.long()
+    bits[:, vocab:] = 1  # bits past the vocabulary are ignored
     bitmask = (bits.view(2, words, 32) << torch.arange(32)).sum(-1)
-    bitmask = bitmask.to(torch.int64).where(bitmask < 2**31, bitmask - 2**32).to(torch.int32)
+    bitmask = bitmask.where(bitmask < 2**31, bitmask - 2**32).to(torch.int32)
     expected = logits.clone()
     expected[1] = expected[1].masked_fill(~allowed[0], float("-inf"))
     expected[3] = expected[3].masked_fill(~allowed[1], float("-inf"))
-    apply_token_bitmask(logits, torch.tensor([1, 3]), bitmask)
+    _kernels(isa).apply_token_bitmask(logits, torch.tensor([1, 3]), bitmask)
     assert torch.equal(logits, expected)
+
+
+def test_token_bitmask_rejects_bad_shapes(ops):
+    logits = torch.zeros(2, 100)
+    with pytest.raises(RuntimeError, match="narrower than the vocab"):
+        ops.apply_token_bitmask(logits, torch.tensor([0]), torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.apply_token_bitmask(logits, torch.tensor([2]), torch.zeros(1, 4, dtype=torch.int32))

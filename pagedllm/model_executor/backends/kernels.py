@@ -1,7 +1,7 @@
 """The small per-token kernels every layer needs: RMSNorm (with the residual add fused in),
-RoPE, SiLU-and-mul, and the sampler's row argmax. TorchKernels is the portable reference;
-NativeKernels runs one ISA's C++ kernels, falling back per call only for layouts they do not
-take (non-contiguous views)."""
+RoPE, SiLU-and-mul, the sampler's row argmax, and the grammar masks of structured outputs.
+TorchKernels is the portable reference; NativeKernels runs one ISA's C++ kernels, falling back
+per call only for layouts they do not take (non-contiguous views)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ class TorchKernels:
         top2 = logits.topk(2, dim=-1).values.float()
         return ids, top2[:, 0] - top2[:, 1]
 
+    def apply_token_bitmask(
+        self, logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor
+    ) -> None:
+        """Structured outputs: ``logits[rows[i], t] = -inf`` where bit t of ``bitmask[i]``
+        (word t // 32, int32) is clear, in place; bits past the logits' width are ignored."""
+        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -110,3 +119,8 @@ class NativeKernels(TorchKernels):
         if logits.stride(-1) != 1:
             return super().argmax_gap_rows(logits)
         return self.ops.argmax_gap_rows(logits)
+
+    def apply_token_bitmask(self, logits, rows, bitmask):
+        if logits.stride(-1) != 1 or logits.device.type != "cpu":
+            return super().apply_token_bitmask(logits, rows, bitmask)
+        self.ops.apply_token_bitmask(logits, rows.long().contiguous(), bitmask.contiguous())

@@ -32,6 +32,7 @@ SOURCES = (
     "generic/fused_ops.cpp",
     "generic/prefill_attention.cpp",
     "generic/argmax.cpp",
+    "generic/token_bitmask.cpp",
     "generic/int8_linear.cpp",
     "x86/amx/amx_prefill_attention.cpp",
     "x86/amx/amx_linear.cpp",

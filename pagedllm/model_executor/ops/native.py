@@ -83,6 +83,9 @@ class NativeOps:
     def argmax_gap_rows(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         return self._ops.argmax_gap_rows(x)
 
+    def apply_token_bitmask(self, logits, rows, bitmask) -> None:
+        self._ops.apply_token_bitmask(logits, rows, bitmask)
+
     @functools.cached_property
     def amx_supported(self) -> bool:
         """Built with the AMX kernels, and Linux granted this process the tile state."""

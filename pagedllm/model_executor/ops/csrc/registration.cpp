@@ -34,6 +34,8 @@ PAGEDLLM_LIBRARY(m) {
   // Sampling (generic/argmax.cpp).
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("argmax_gap_rows(Tensor x) -> (Tensor, Tensor)");
+  // Structured outputs (generic/token_bitmask.cpp).
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");
   // Whether this build's AMX kernels can run here (built for AMX, and granted by Linux).
   m.def("amx_supported() -> bool", &pagedllm::amx_supported);
 }
