@@ -127,8 +127,9 @@ async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONRespon
     if request.messages is not None:
         check_messages(request.messages)
         add_generation_prompt = request.add_generation_prompt is not False
+        tools = [t.model_dump(mode="json", exclude_none=True) for t in request.tools or []]
         _, tokens = await tokenizer.apply_chat_template(
-            messages_to_dicts(request.messages), add_generation_prompt
+            messages_to_dicts(request.messages), add_generation_prompt, tools or None
         )
     else:
         assert request.prompt is not None

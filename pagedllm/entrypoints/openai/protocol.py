@@ -316,6 +316,7 @@ class TokenizeRequest(RequestModel):
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
     return_token_strs: bool | None = False
+    tools: list[ChatTool] | None = None  # rendered with the messages, as a chat request would
 
 
 class TokenizeResponse(ResponseModel):

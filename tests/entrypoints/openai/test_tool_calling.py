@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -96,10 +97,18 @@ def test_named_tool_choice_returns_a_valid_call_and_the_stream_joins_to_it(clien
         max_tokens=80,
         temperature=0.0,
     )
-    choice = client.chat.completions.create(**kwargs).choices[0]
+    resp = client.chat.completions.create(**kwargs)
+    choice = resp.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather"
+    # /tokenize renders the tools too: the same prompt the request paid for.
+    counted = httpx.post(
+        str(client.base_url).removesuffix("v1/") + "tokenize",
+        json={"messages": ASK, "tools": TOOLS},
+        timeout=30,
+    ).json()["count"]
+    assert counted == resp.usage.prompt_tokens > 150
     assert assert_valid_call(call)["city"]
     content, calls, finish = streamed_calls(client.chat.completions.create(stream=True, **kwargs))
     assert finish == "tool_calls" and content == ""
