@@ -124,6 +124,11 @@ inline vnf loadn(const c10::BFloat16* p) {
   std::memcpy(&h, p, sizeof(h));
   return reinterpret_cast<vnf>(__builtin_convertvector(h, vnu32) << 16);
 }
+inline vnf loadn(const c10::Half* p) {
+  vnf v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
 inline void storen(float* p, vnf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vnf expn(vnf x) { return exp_vec<vnf, vni>(x); }
 

@@ -38,6 +38,27 @@ constexpr int kMaxGroup = 16;
 // Independent partial sums over head_dim in the score loops (head_dim % kSplit == 0).
 constexpr int kSplit = 4;
 
+using pagedllm::kLanes;
+using pagedllm::loadn;
+using pagedllm::vnf;
+
+// Partial score sums per (query head, register) for 16-key blocks of NB registers: kSplit on
+// AVX-512 (32 zmm); on AVX2 as many as keep G x NB x S accumulators within 12 of 16 ymm.
+constexpr int score_splits(int G, int NB) {
+  if (kLanes == 16) return kSplit;
+  const int fit = 12 / (G * NB);
+  return fit >= 2 ? 2 : 1;
+}
+
+// Registers of V accumulators per query head per pass over the values: all NVT on AVX-512;
+// on AVX2 the largest divisor of NVT with G x NC <= 12.
+constexpr int value_chunk(int G, int NVT) {
+  if (kLanes == 16) return NVT;
+  int nc = NVT;
+  while (nc > 1 && (G * nc > 12 || NVT % nc != 0)) --nc;
+  return nc;
+}
+
 using pagedllm::exp16;
 using pagedllm::load16;
 using pagedllm::v16f;
@@ -81,19 +102,32 @@ void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* 
         float* __restrict s0 = scores.data() + blk * bs;
         if constexpr (BS == 16 && G > 0) {
           // kSplit partial sums per query head: G chains alone would wait on the FMA latency.
-          v16f sacc[G][kSplit] = {};
-          for (int d = 0; d < D; d += kSplit) {
+          // A block's 16 keys are NB registers of the ISA's width; S partial sums per query
+          // head cover the FMA latency within the register file (16 ymm on AVX2).
+          constexpr int NB = 16 / kLanes;
+          constexpr int S = score_splits(G, NB);
+          vnf sacc[G][NB][S] = {};
+          for (int d = 0; d < D; d += S) {
 #pragma GCC unroll 4
-            for (int u = 0; u < kSplit; ++u) {
-              const v16f kv = load16(kt + (d + u) * 16);
+            for (int u = 0; u < S; ++u) {
+#pragma GCC unroll 2
+              for (int nb = 0; nb < NB; ++nb) {
+                const vnf kv = loadn(kt + (d + u) * 16 + nb * kLanes);
 #pragma GCC unroll 16
-              for (int g = 0; g < G; ++g) sacc[g][u] += qf[g * D + d + u] * kv;
+                for (int g = 0; g < G; ++g) sacc[g][nb][u] += qf[g * D + d + u] * kv;
+              }
             }
           }
 #pragma GCC unroll 16
           for (int g = 0; g < G; ++g) {
-            const v16f sum = sum_partials(sacc[g]);
-            std::memcpy(s0 + g * max_len_padded, &sum, 64);
+#pragma GCC unroll 2
+            for (int nb = 0; nb < NB; ++nb) {
+              const vnf* a = sacc[g][nb];
+              const vnf sum = S == 4 ? (a[0] + a[1]) + (a[2 % S] + a[3 % S])
+                              : S == 2 ? a[0] + a[1 % S]
+                                       : a[0];
+              pagedllm::storen(s0 + g * max_len_padded + nb * kLanes, sum);
+            }
           }
         } else if constexpr (BS > 0) {
           // Register-resident accumulators: group x BS floats.
@@ -130,35 +164,44 @@ void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* 
       for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * max_len_padded, len);
       // out_g = sum_j p_gj v_j
       prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
-      if constexpr (G > 0 && D % 16 == 0) {
-        constexpr int NV = D / 16;
-        v16f vacc[G][NV] = {};
-        for (int64_t blk = 0; blk < nblocks; ++blk) {
-          const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
-          if (blk + 1 < nblocks)
-            prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
-          if (blk + kFarAhead < nblocks)
-            prefetch_slice<1>(v_cache + table[blk + kFarAhead] * block_stride + hk * head_stride,
-                              head_stride);
-          const int64_t n = std::min<int64_t>(bs, len - blk * bs);
-          const float* __restrict p0 = scores.data() + blk * bs;
-          for (int64_t j = 0; j < n; ++j) {
-            v16f vv[NV];
+      if constexpr (G > 0 && D % kLanes == 0) {
+        // G x D accumulators, NC registers per query head at a time: one pass over V on
+        // AVX-512; on AVX2 (3 x 64 floats = 24 ymm of 16) two, the second from L2.
+        constexpr int NVT = D / kLanes;
+        constexpr int NC = value_chunk(G, NVT);
+        alignas(64) float res[G][D];  // see decode_int8_impl
+        for (int c0 = 0; c0 < NVT; c0 += NC) {
+          vnf vacc[G][NC] = {};
+          for (int64_t blk = 0; blk < nblocks; ++blk) {
+            const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
+            if (c0 == 0 && blk + 1 < nblocks)
+              prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride,
+                             head_stride);
+            if (c0 == 0 && blk + kFarAhead < nblocks)
+              prefetch_slice<1>(v_cache + table[blk + kFarAhead] * block_stride +
+                                    hk * head_stride,
+                                head_stride);
+            const int64_t n = std::min<int64_t>(bs, len - blk * bs);
+            const float* __restrict p0 = scores.data() + blk * bs;
+            for (int64_t j = 0; j < n; ++j) {
+              vnf vv[NC];
 #pragma GCC unroll 16
-            for (int c = 0; c < NV; ++c) vv[c] = load16(vb + j * D + 16 * c);
+              for (int c = 0; c < NC; ++c) vv[c] = loadn(vb + j * D + kLanes * (c0 + c));
 #pragma GCC unroll 16
-            for (int g = 0; g < G; ++g) {
-              const float p = p0[g * max_len_padded + j];
+              for (int g = 0; g < G; ++g) {
+                const float p = p0[g * max_len_padded + j];
 #pragma GCC unroll 16
-              for (int c = 0; c < NV; ++c) vacc[g][c] += p * vv[c];
+                for (int c = 0; c < NC; ++c) vacc[g][c] += p * vv[c];
+              }
             }
           }
+          for (int g = 0; g < G; ++g)
+            for (int c = 0; c < NC; ++c)
+              pagedllm::storen(&res[g][kLanes * (c0 + c)], vacc[g][c]);
         }
         for (int g = 0; g < G; ++g) {
           T* op = out + (b * num_heads + hk * group + g) * D;
-          alignas(64) float res[D];  // see decode_int8_impl
-          for (int c = 0; c < NV; ++c) pagedllm::store16(res + 16 * c, vacc[g][c]);
-          for (int d = 0; d < D; ++d) op[d] = static_cast<T>(res[d]);
+          for (int d = 0; d < D; ++d) op[d] = static_cast<T>(res[g][d]);
         }
         continue;
       }
