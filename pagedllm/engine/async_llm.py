@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.admission import AdmissionControl, QueueFullError, default_max_waiting
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.engine.request_stream import RequestStream
 from pagedllm.engine.scheduler import SchedulerStats
@@ -108,8 +109,13 @@ class AsyncLLM:
         args: EngineArgs,
         stat_loggers: Sequence[StatLogger] = (),
         engine_factory: Callable[[EngineArgs], LLMEngine] = LLMEngine,
+        max_waiting_requests: int | None = None,
     ) -> None:
+        """``max_waiting_requests``: sequences that may wait for their first token before
+        add_request raises QueueFullError (None: admission.default_max_waiting)."""
         self.args = args
+        self._max_waiting_requests = max_waiting_requests
+        self.admission: AdmissionControl | None = None  # made once the engine is loaded
         self.stat_loggers = list(stat_loggers)
         self._engine_factory = engine_factory
         self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -175,7 +181,13 @@ class AsyncLLM:
         (nothing is queued then), EngineNotReadyError / EngineDeadError if it cannot serve.
         Requests sharing a ``group_id`` (one API call's prompts) share their fair turn."""
         self._check_alive()
-        stream = RequestStream(request_id, self.abort)
+        assert self.admission is not None
+        try:
+            self.admission.admit(request_id, params.n)
+        except QueueFullError:
+            self.record_rejection("queue_full")
+            raise
+        stream = RequestStream(request_id, self.abort, on_start=self.admission.started)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self._queue.put(_Add(request_id, prompt, params, arrival, stream, group_id))
         try:
@@ -204,6 +216,13 @@ class AsyncLLM:
         finally:
             stream.abort()
 
+    def record_rejection(self, reason: str) -> None:
+        """Count a request turned away (``queue_full``, ``timeout``) in the stat loggers."""
+        for stat_logger in self.stat_loggers:
+            record = getattr(stat_logger, "record_rejection", None)
+            if record is not None:
+                record(reason)
+
     def abort(self, request_id: str | list[str]) -> None:
         """Thread-safe and non-blocking; the worker frees the KV blocks before its next step."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -228,6 +247,14 @@ class AsyncLLM:
             engine = self._engine_factory(self.args)
             _warm_up(engine)
             self._structured_output = engine.structured_output
+            kv = engine.kv_cache_manager
+            self.admission = AdmissionControl(
+                self._max_waiting_requests
+                or default_max_waiting(
+                    engine.scheduler_config.max_num_seqs,
+                    kv.num_blocks * kv.block_size // engine.max_model_len,
+                )
+            )
             tokenizer = _private_copy(engine.tokenizer)
             self._info = EngineInfo(
                 model=engine.model_config.model,

@@ -19,9 +19,16 @@ class RequestStream:
     """The outputs of one request, as seen from the event loop. Iterate it with ``async for``;
     ``abort()`` (idempotent) cancels the request if it has not finished."""
 
-    def __init__(self, request_id: str, abort_fn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        abort_fn: Callable[[str], None],
+        on_start: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_start(request_id)``: called once, at the first output, error or abort."""
         self.request_id = request_id
         self._abort_fn = abort_fn
+        self._on_start = on_start
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._event = asyncio.Event()
         self._latest: RequestOutput | None = None
@@ -35,7 +42,13 @@ class RequestStream:
     def abort(self) -> None:
         if not self._done:
             self._done = True
+            self._started()
             self._abort_fn(self.request_id)
+
+    def _started(self) -> None:
+        if self._on_start is not None:
+            on_start, self._on_start = self._on_start, None
+            on_start(self.request_id)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -62,6 +75,8 @@ class RequestStream:
     def put_accepted(self, error: BaseException | None) -> None:
         if self.accepted.done():
             return
+        if error is not None:
+            self._started()
         if error is None:
             self.accepted.set_result(None)
         else:
@@ -69,10 +84,12 @@ class RequestStream:
             self.accepted.set_exception(error)
 
     def put(self, out: RequestOutput) -> None:
+        self._started()
         self._latest = out
         self._event.set()
 
     def put_error(self, error: BaseException) -> None:
+        self._started()
         self.put_accepted(error)
         self._error = error
         self._event.set()

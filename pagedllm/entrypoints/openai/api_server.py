@@ -53,7 +53,7 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeResponse,
 )
 from pagedllm.entrypoints.openai.read_timeouts import BodyReadTimeout, header_timeout_protocol
-from pagedllm.entrypoints.openai.serving import cancel_on_disconnect
+from pagedllm.entrypoints.openai.serving import CLIENT_TIMEOUT_HEADER, cancel_on_disconnect
 from pagedllm.entrypoints.openai.serving_chat import (
     OpenAIServingChat,
     check_messages,
@@ -110,12 +110,14 @@ async def retrieve_model(model_id: str, raw_request: Request) -> JSONResponse:
 
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     serving: OpenAIServingCompletion = raw_request.app.state.completion
-    return await cancel_on_disconnect(raw_request, serving.create(request))
+    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
+    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
 
 
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     serving: OpenAIServingChat = raw_request.app.state.chat
-    return await cancel_on_disconnect(raw_request, serving.create(request))
+    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
+    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
 
 
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:
@@ -196,7 +198,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
     app.state.server = state
     app.state.stat_logger = stat_logger
     app.state.tokenizer = tokenizer
-    servings = (engine, tokenizer, config.served_model_name, config.max_seqs_per_request)
+    servings = (
+        engine,
+        tokenizer,
+        config.served_model_name,
+        config.max_seqs_per_request,
+        config.request_timeout,
+    )
     app.state.completion = OpenAIServingCompletion(*servings)
     app.state.chat = OpenAIServingChat(*servings, tool_call_parser=config.tool_call_parser)
     # Added innermost first: a request meets the gate, then auth, the body limit, the deadline.
@@ -220,7 +228,12 @@ def build_server(
     """-> (server, bound socket): ``server.run(sockets=[sock])`` serves until shut down.
     ``engine_factory`` builds the LLMEngine on the worker thread (tests inject failures)."""
     stat_logger = PrometheusStatLogger(config.served_model_name)
-    engine = AsyncLLM(engine_args, stat_loggers=[stat_logger], engine_factory=engine_factory)
+    engine = AsyncLLM(
+        engine_args,
+        stat_loggers=[stat_logger],
+        engine_factory=engine_factory,
+        max_waiting_requests=config.max_waiting_requests,
+    )
     app = build_app(engine, config, stat_logger)
     sock = bind_socket(config.host, config.port)
     url = socket_url(sock)

@@ -40,6 +40,8 @@ class ServerConfig:
     access_log: bool = True
     data_parallel_size: int = 1
     tool_call_parser: str = "auto"
+    max_waiting_requests: int | None = None  # None: sized from max_num_seqs and the KV cache
+    request_timeout: float | None = None  # seconds; None: no server-side deadline
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -62,6 +64,12 @@ class ServerConfig:
                 f"tool_call_parser must be one of {', '.join(TOOL_PARSER_CHOICES)}, got "
                 f"{self.tool_call_parser!r}"
             )
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
+            raise ValueError(
+                f"max_waiting_requests must be at least 1, got {self.max_waiting_requests}"
+            )
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if self.api_key == "":
@@ -127,6 +135,23 @@ def make_arg_parser() -> argparse.ArgumentParser:
         "tool_choice auto: hermes (<tool_call>{...}</tool_call>), xlam (a JSON list, "
         "SmolLM2's format), llama3_json; auto: the format of the chat template in use "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="most sequences that may wait for their first token; more get HTTP 429 with a "
+        "Retry-After header (default: twice max(--max-num-seqs, the max-length sequences the "
+        "KV cache holds))",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may take from arrival to its last token; then it is aborted "
+        "(its KV blocks freed) and answered 504 (streams: an error event). A client's own "
+        "X-Stainless-Timeout header (the openai client sends its timeout) can only shorten it "
+        "(default: none)",
     )
     parser.add_argument(
         "--max-request-bytes",
@@ -221,6 +246,8 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         access_log=not ns.disable_uvicorn_access_log,
         data_parallel_size=ns.data_parallel_size,
         tool_call_parser=ns.tool_call_parser,
+        max_waiting_requests=ns.max_waiting_requests,
+        request_timeout=ns.request_timeout,
     )
     return server, engine_args
 

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagedllm.engine.admission import QueueFullError
 from pagedllm.engine.async_llm import EngineDeadError, EngineNotReadyError, RequestAbortedError
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
@@ -30,8 +31,10 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     408: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 
@@ -45,12 +48,18 @@ class OpenAIError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.param = param
         self.code = code
+        self.headers = headers
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request did not finish before its deadline (--request-timeout, or the client's)."""
 
 
 def error_body(
@@ -79,6 +88,12 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         return exc
     if isinstance(exc, ValueError):
         return OpenAIError(str(exc), 400)
+    if isinstance(exc, QueueFullError):
+        return OpenAIError(
+            str(exc), 429, code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+        )
+    if isinstance(exc, RequestTimeoutError):
+        return OpenAIError(str(exc), 504, code="request_timeout")
     if isinstance(exc, RequestAbortedError):
         return OpenAIError(str(exc), 503, code="shutting_down")
     if isinstance(exc, EngineNotReadyError):
@@ -121,7 +136,7 @@ def _is_type_tag(loc_part: str) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_openai_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, OpenAIError)
-        return error_response(exc.message, exc.status_code, exc.param, exc.code)
+        return error_response(exc.message, exc.status_code, exc.param, exc.code, exc.headers)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -141,13 +156,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_other_error(request: Request, exc: Exception) -> JSONResponse:
         err = to_openai_error(exc)
-        return error_response(err.message, err.status_code, err.param, err.code)
+        return error_response(err.message, err.status_code, err.param, err.code, err.headers)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for exc_type in (
         ValueError,
+        QueueFullError,
+        RequestTimeoutError,
         EngineNotReadyError,
         EngineDeadError,
         RequestAbortedError,

@@ -90,6 +90,7 @@ E2E_BUCKETS = [
     7680.0,
 ]
 FINISH_REASONS = ("stop", "length", "abort")
+REJECT_REASONS = ("queue_full", "timeout")
 
 
 class PrometheusStatLogger:
@@ -146,6 +147,16 @@ class PrometheusStatLogger:
         self.request_success = {
             reason: success.labels(model_name, reason) for reason in FINISH_REASONS
         }
+        rejected = Counter(
+            "pagedllm:request_rejected",
+            "Requests turned away: queue_full (429, the waiting queue is full) or timeout (504, "
+            "aborted at their deadline).",
+            ["model_name", "reason"],
+            registry=r,
+        )
+        self.request_rejected = {
+            reason: rejected.labels(model_name, reason) for reason in REJECT_REASONS
+        }
         self.time_to_first_token = histogram(
             "pagedllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
@@ -195,6 +206,12 @@ class PrometheusStatLogger:
             self.e2e_request_latency.observe(req.e2e_latency)
             if req.time_per_output_token is not None:
                 self.time_per_output_token.observe(req.time_per_output_token)
+
+    def record_rejection(self, reason: str) -> None:
+        """Called on the event loop when a request is turned away."""
+        counter = self.request_rejected.get(reason)
+        if counter is not None:
+            counter.inc()
 
     def render(self) -> tuple[bytes, str]:
         """-> (Prometheus text exposition, its content type)."""

@@ -18,7 +18,12 @@ from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.request_stream import RequestStream
-from pagedllm.entrypoints.openai.errors import OpenAIError, error_body, to_openai_error
+from pagedllm.entrypoints.openai.errors import (
+    OpenAIError,
+    RequestTimeoutError,
+    error_body,
+    to_openai_error,
+)
 from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 from pagedllm.outputs import RequestOutput
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 SSE_DONE = "data: [DONE]\n\n"
 # Sequences one API call may fan out into (prompts x n): --max-seqs-per-request.
 DEFAULT_MAX_SEQS_PER_REQUEST = 256
+# The openai client sends its own timeout (seconds) in this header.
+CLIENT_TIMEOUT_HEADER = "x-stainless-timeout"
 # OpenAI fields taken and ignored: they do not change the output.
 IGNORED_FIELDS = ("user", "store", "metadata", "service_tier")
 
@@ -63,11 +70,13 @@ class OpenAIServing:
         tokenizer: AsyncTokenizer,
         served_model_name: str,
         max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
+        request_timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
         self.max_seqs_per_request = max_seqs_per_request
+        self.request_timeout = request_timeout
         self._warned_ignored: set[str] = set()
 
     def warn_ignored_fields(self, req: SamplingRequest) -> None:
@@ -75,6 +84,17 @@ class OpenAIServing:
             if getattr(req, name) is not None and name not in self._warned_ignored:
                 self._warned_ignored.add(name)
                 logger.warning("ignoring the request field %r: it does not change the output", name)
+
+    def deadline(self, client_timeout: str | None) -> float | None:
+        """The event-loop time a request must finish by: --request-timeout, shortened by the
+        client's own timeout header (ignored if it does not parse as positive seconds)."""
+        timeouts = [] if self.request_timeout is None else [self.request_timeout]
+        try:
+            if client_timeout is not None and float(client_timeout) > 0:
+                timeouts.append(float(client_timeout))
+        except ValueError:
+            pass
+        return request_deadline(min(timeouts)) if timeouts else None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -208,6 +228,17 @@ class OpenAIServing:
             code="context_length_exceeded",
         )
 
+    async def outputs(
+        self, streams: list[RequestStream], deadline: float | None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """merge_streams, counting a missed deadline as a rejection (reason ``timeout``)."""
+        try:
+            async for item in merge_streams(streams, deadline):
+                yield item
+        except RequestTimeoutError:
+            self.engine.record_rejection("timeout")
+            raise
+
     async def add_prompts(
         self, request_id: str, prompts: list[PromptInput], params: list[SamplingParams]
     ) -> list[RequestStream]:
@@ -299,8 +330,38 @@ def _param_of(message: str) -> str | None:
     return head if head.isidentifier() else None
 
 
-async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' outputs as (stream index, output); aborts all on exit."""
+def request_deadline(timeout: float | None) -> float | None:
+    """The event-loop time by which a request must finish, from a timeout in seconds."""
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+async def merge_streams(
+    streams: list[RequestStream], deadline: float | None = None
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as (stream index, output); aborts all on exit.
+    Past ``deadline`` (event-loop time) it raises RequestTimeoutError, aborting them (their KV
+    blocks are freed)."""
+    if deadline is not None:
+        merged = merge_streams(streams)
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    item = await asyncio.wait_for(merged.__anext__(), remaining)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(
+                        "the request did not finish before its deadline (--request-timeout, "
+                        "or the client's X-Stainless-Timeout); it was aborted"
+                    ) from None
+                yield item
+        finally:
+            await merged.aclose()
+            for stream in streams:
+                stream.abort()
     if len(streams) == 1:
         try:
             async for out in streams[0]:

@@ -34,7 +34,6 @@ from pagedllm.entrypoints.openai.serving import (
     OpenAIServing,
     PromptInput,
     SSEResponse,
-    merge_streams,
     random_id,
     sse,
     sse_error,
@@ -123,7 +122,7 @@ class OpenAIServingChat(OpenAIServing):
         super().__init__(*args, **kwargs)
         self.tool_call_parser = tool_call_parser
 
-    async def create(self, req: ChatCompletionRequest) -> Response:
+    async def create(self, req: ChatCompletionRequest, deadline: float | None = None) -> Response:
         self.check_model(req.model)
         num_top = self._check(req)
         plan = tool_plan(req)
@@ -154,8 +153,10 @@ class OpenAIServingChat(OpenAIServing):
         [stream] = await self.add_prompts(request_id, [PromptInput(text, ids)], [params])
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, created, stream, num_top, parser))
-        return await self._full(request_id, created, stream, num_top, parser)
+            return SSEResponse(
+                self._stream(req, request_id, created, stream, num_top, parser, deadline)
+            )
+        return await self._full(request_id, created, stream, num_top, parser, deadline)
 
     def _server_tool_parser(self) -> ToolParser:
         template = self.tokenizer.template
@@ -185,9 +186,10 @@ class OpenAIServingChat(OpenAIServing):
         stream: RequestStream,
         num_top: int | None,
         parser: ToolParser | None,
+        deadline: float | None,
     ) -> Response:
         final = None
-        async for _, out in merge_streams([stream]):
+        async for _, out in self.outputs([stream], deadline):
             final = out
         assert final is not None
         choices = []
@@ -230,6 +232,7 @@ class OpenAIServingChat(OpenAIServing):
         stream: RequestStream,
         num_top: int | None,
         parser: ToolParser | None,
+        deadline: float | None,
     ) -> AsyncIterator[str]:
         include_usage = req.stream_options is not None and bool(req.stream_options.include_usage)
 
@@ -252,7 +255,7 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(
                     [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
                 )
-            async for _, out in merge_streams([stream]):
+            async for _, out in self.outputs([stream], deadline):
                 num_prompt = len(out.prompt_token_ids)
                 for c in out.outputs:
                     i = c.index

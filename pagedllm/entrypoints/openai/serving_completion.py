@@ -25,7 +25,6 @@ from pagedllm.entrypoints.openai.serving import (
     OpenAIServing,
     PromptInput,
     SSEResponse,
-    merge_streams,
     random_id,
     sse,
     sse_error,
@@ -45,7 +44,7 @@ class _ChoiceState:
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    async def create(self, req: CompletionRequest) -> Response:
+    async def create(self, req: CompletionRequest, deadline: float | None = None) -> Response:
         self.check_model(req.model)
         self._check(req)
         base = self.base_params(req, req.max_tokens, req.logprobs)
@@ -59,8 +58,10 @@ class OpenAIServingCompletion(OpenAIServing):
         streams = await self.add_prompts(request_id, prompts, params)
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, created, streams, echo_texts))
-        return await self._full(req, request_id, created, streams, echo_texts)
+            return SSEResponse(
+                self._stream(req, request_id, created, streams, echo_texts, deadline)
+            )
+        return await self._full(req, request_id, created, streams, echo_texts, deadline)
 
     def _check(self, req: CompletionRequest) -> None:
         if req.suffix is not None:
@@ -121,9 +122,10 @@ class OpenAIServingCompletion(OpenAIServing):
         created: int,
         streams: list[RequestStream],
         echo_texts: list[str],
+        deadline: float | None,
     ) -> Response:
         finals: dict[int, RequestOutput] = {}
-        async for i, out in merge_streams(streams):
+        async for i, out in self.outputs(streams, deadline):
             finals[i] = out
         choices, num_prompt, num_completion = [], 0, 0
         n = len(finals[0].outputs)
@@ -164,6 +166,7 @@ class OpenAIServingCompletion(OpenAIServing):
         created: int,
         streams: list[RequestStream],
         echo_texts: list[str],
+        deadline: float | None,
     ) -> AsyncIterator[str]:
         n = 1 if req.n is None else req.n
         states = [
@@ -178,7 +181,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return sse(body.model_dump_json(exclude={"usage"}))
 
         try:
-            async for i, out in merge_streams(streams):
+            async for i, out in self.outputs(streams, deadline):
                 num_prompt[i] = len(out.prompt_token_ids)
                 for c in out.outputs:
                     index = i * n + c.index
