@@ -28,7 +28,12 @@ VARIANTS = {
     ),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
 }
-CASES = [("llama_bias_odd_vocab", 2), ("llama_bias_odd_vocab", 4), ("qwen2_tied", 2)]
+CASES = [
+    ("llama_bias_odd_vocab", 2),
+    ("llama_bias_odd_vocab", 4),
+    ("qwen2_tied", 2),
+    ("qwen2_tied", 4),
+]
 
 
 @pytest.fixture(scope="module")
