@@ -139,6 +139,14 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
         self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
+        attention = self.runner.backend.attention
+        if args.speculative_config == "auto" and not attention.drafts_by_default:
+            logger.info(
+                "speculative decoding is off by default on the %s backend (checking drafts "
+                "costs more there than they win); --speculative-config turns it on",
+                attention.name,
+            )
+            self.speculative_config = None
         proposer, draft_policy = None, None
         if self.speculative_config is not None:
             rows = (self.speculative_config.num_speculative_tokens + 1) * (

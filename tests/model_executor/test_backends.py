@@ -73,3 +73,13 @@ def test_engine_uses_the_environment_choice(tiny_llama_dir, monkeypatch):
         monkeypatch.setenv("PAGEDLLM_CPU_ISA", isa)
         engine = LLMEngine(EngineArgs(model=tiny_llama_dir, kv_cache_memory=4 * 2**20))
         assert engine.runner.backend.name == isa
+        # Drafts by default only where the backend's verify path pays (not AVX2's: measured).
+        assert (engine.speculative_config is not None) == (isa != "avx2")
+        forced = LLMEngine(
+            EngineArgs(
+                model=tiny_llama_dir,
+                kv_cache_memory=4 * 2**20,
+                speculative_config='{"method": "ngram"}',
+            )
+        )
+        assert forced.speculative_config is not None

@@ -75,6 +75,9 @@ class TorchAttentionBackend:
     reads_cache_in_place = False
     # Query rows of one (sequence, kv head) a verify kernel takes; None: no verify kernel.
     max_verify_rows: int | None = None
+    # Whether n-gram drafts are on by default (--speculative-config auto) on this backend: only
+    # where checking a draft row costs less than the drafts win.
+    drafts_by_default = True
 
     def supports(self, head_dim: int, block_size: int, int8_cache: bool) -> bool:
         return True
