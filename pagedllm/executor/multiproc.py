@@ -114,7 +114,7 @@ def _recv(conn) -> tuple[str, str]:
 
 
 def _worker_main(config: WorkerConfig, rank: int, init_method: str, conn) -> None:
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(
         level=envs.log_level(), format=f"%(asctime)s rank{rank} %(levelname)s %(message)s"
     )
@@ -129,8 +129,10 @@ def _worker_main(config: WorkerConfig, rank: int, init_method: str, conn) -> Non
     worker.serve_calls()
 
 
-def _die_with_parent() -> None:
-    """A worker whose engine process is killed exits too (Linux), instead of waiting out the
-    collective timeout."""
+def die_with_parent() -> None:
+    """Run in a child (before exec, or first thing): when the process that started it dies,
+    even by SIGKILL, the child is killed too (Linux; elsewhere a no-op). A TP worker then does
+    not wait out the collective timeout, a data-parallel replica does not outlive its front end.
+    NOTE: the signal follows the starting *thread*: start children from a long-lived one."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -37,6 +37,7 @@ from pagedllm.entrypoints.openai.launcher import (
 )
 from pagedllm.entrypoints.openai.launcher import bind_socket, socket_url
 from pagedllm.entrypoints.openai.middleware import BodySizeLimit
+from pagedllm.executor.multiproc import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class ReplicaSet:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=env,
-                preexec_fn=(lambda m=mine: os.sched_setaffinity(0, m)) if mine else None,
+                preexec_fn=lambda m=mine: _replica_setup(m),
             )
             replica = Replica(i, proc, cores=mine)
             self.replicas.append(replica)
@@ -144,6 +145,14 @@ class ReplicaSet:
             except subprocess.TimeoutExpired:
                 replica.proc.kill()
                 replica.proc.wait()
+
+
+def _replica_setup(cores: tuple[int, ...]) -> None:
+    """In the replica, before exec: its share of the cores, and death with the front end (a
+    front end killed with SIGKILL left its replicas running, holding their ports)."""
+    if cores:
+        os.sched_setaffinity(0, cores)
+    die_with_parent()
 
 
 def replica_argv(argv: list[str]) -> list[str]:

@@ -6,6 +6,8 @@ that cached it (its prefix-cache hits count the tokens)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 
 import httpx
 import openai
@@ -16,6 +18,7 @@ from tests.entrypoints.openai.utils import (
     run_server_process,
     tokenize,
     wait_healthy,
+    wait_until,
 )
 from tests.utils import TINY_CORPUS
 
@@ -103,3 +106,16 @@ def test_two_replicas_share_the_load_and_keep_prefixes(tiny_llama_dir):
         # each later chat reused the system prompt's whole blocks on the owner, none elsewhere
         assert gained[owner] >= (len(chats) - 1) * (system_tokens // 16 * 16) * 0.9
         assert all(v == 0 for r, v in gained.items() if r != owner), gained
+        found = [re.search(r"replicas \(pids \[(\d+), (\d+)\]", line) for line in lines]
+        pids = [int(p) for p in next(m for m in found if m).groups()]
+    # The front end was killed (SIGKILL) on leaving the block: its replicas die with it.
+    wait_until(lambda: not any(_alive(p) for p in pids), 15, "the replicas to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (dead, not yet reaped) counts as gone
+        return f.read().split(") ", 1)[1][0] != "Z"
