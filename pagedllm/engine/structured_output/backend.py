@@ -13,6 +13,18 @@ import numpy as np
 from pagedllm.sampling_params import StructuredOutputsParams
 
 
+def json_schema_problem(schema: Any) -> tuple[str, str] | None:
+    """(where, what) if ``schema`` is not valid JSON Schema (checked against its meta-schema),
+    else None."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return "/".join(str(p) for p in exc.absolute_path) or "the top level", exc.message
+    return None
+
+
 class GrammarMatcher(ABC):
     """One request's position in its grammar."""
 

@@ -10,7 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from pagedllm.engine.structured_output.backend import GrammarMatcher, StructuredOutputBackend
+from pagedllm.engine.structured_output.backend import (
+    GrammarMatcher,
+    StructuredOutputBackend,
+    json_schema_problem,
+)
 from pagedllm.sampling_params import StructuredOutputsParams
 
 try:
@@ -58,14 +62,8 @@ SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 def check_json_schema(schema: Any, path: str = "#") -> None:
     """ValueError naming the first keyword (and where it is) that the grammar would not
     enforce, and for a schema that is not valid JSON Schema at all."""
-    if path == "#":
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
-            raise ValueError(f"invalid JSON schema at {where}: {exc.message}") from exc
+    if path == "#" and (problem := json_schema_problem(schema)) is not None:
+        raise ValueError(f"invalid JSON schema at {problem[0]}: {problem[1]}")
     if not isinstance(schema, dict):
         return
     for keyword, what in IGNORED_KEYWORDS.items():

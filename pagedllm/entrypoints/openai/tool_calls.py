@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.engine.structured_output.backend import json_schema_problem
 from pagedllm.entrypoints.openai.errors import OpenAIError
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -105,15 +106,12 @@ def tool_plan(req: ChatCompletionRequest) -> ToolPlan:
 
 
 def check_parameters_schema(schema: dict[str, Any], param: str) -> None:
-    import jsonschema
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "the top level"
+    problem = json_schema_problem(schema)
+    if problem is not None:
         raise OpenAIError(
-            f"the parameters are not a valid JSON schema (at {where}): {exc.message}", param=param
-        ) from exc
+            f"the parameters are not a valid JSON schema (at {problem[0]}): {problem[1]}",
+            param=param,
+        )
 
 
 def parser_for(plan: ToolPlan, server_parser: ToolParser | None) -> ToolParser | None:
