@@ -1,7 +1,14 @@
 """pagedllm: a paged-KV-cache LLM inference and serving engine."""
 
 from pagedllm.config import EngineArgs
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
@@ -11,6 +18,9 @@ __all__ = [
     "EngineArgs",
     "SamplingParams",
     "StructuredOutputsParams",
+    "PoolingParams",
+    "EmbeddingRequestOutput",
+    "EmbeddingOutput",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

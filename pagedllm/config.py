@@ -19,6 +19,10 @@ from pagedllm.cpu_info import has_native_bf16
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")  # auto: the model dtype
 QUANTIZATIONS = (None, "int8")
+# vLLM's --runner / --convert: what the engine runs the model for.
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed")
+POOLING_TYPES = ("MEAN", "CLS", "LAST")
 # 4 GiB, as the peers' vLLM CPU set-up (VLLM_CPU_KVCACHE_SPACE=4): in fp32 the shared workload
 # (81K tokens at once) needs more than 2 GiB, which held 46.6K tokens and throttled it.
 DEFAULT_CPU_KV_CACHE_MEMORY = 4 * 1024**3
@@ -53,9 +57,24 @@ class EngineArgs:
     # else mp.
     distributed_executor_backend: str | None = None
     ray_address: str | None = None  # an existing Ray cluster (else env RAY_ADDRESS, else local)
+    # generate (text), pooling (embeddings), or auto: pooling for an encoder (BertModel) or
+    # with convert="embed", else generate. convert="embed" runs a decoder as an embedder
+    # (last-token pooling, normalized).
+    runner: str = "auto"
+    convert: str = "auto"
+    # vLLM's --pooler-config: {"pooling_type": MEAN|CLS|LAST, "normalize": bool}, over what
+    # the model's sentence-transformers files (modules.json) say.
+    pooler_config: dict | str | None = None
 
     def __post_init__(self) -> None:
         SpeculativeConfig.parse(self.speculative_config)  # raises on a bad value
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {RUNNERS}, got {self.runner!r}")
+        if self.convert not in CONVERTS:
+            raise ValueError(f"convert must be one of {CONVERTS}, got {self.convert!r}")
+        if self.runner == "generate" and self.convert == "embed":
+            raise ValueError("convert='embed' makes an embedding model: use runner='pooling'")
+        PoolerConfig.parse(self.pooler_config)  # raises on a bad value
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)
         if self.dtype not in SUPPORTED_DTYPES:
@@ -133,33 +152,36 @@ class SpeculativeConfig:
             return None
         if value == "auto":
             return cls()
-        raw: Any = value
-        if isinstance(value, str):
-            try:
-                raw = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError("speculative_config must be a JSON object / dict")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - names
-        if unknown:
-            raise ValueError(
-                f"speculative_config: unknown keys {sorted(unknown)} (known: {sorted(names)})"
-            )
-        return cls(**raw)
+        return cls(**_config_fields(value, cls, "speculative_config"))
 
 
 @dataclass
-class CacheConfig:
-    block_size: int
-    num_blocks: int
-    enable_prefix_caching: bool = True
+class PoolerConfig:
+    """How a pooling model turns a prompt's final hidden states into one vector: the mean over
+    its tokens, the first ([CLS]) token's, or the last token's; then L2-normalized or not."""
+
+    pooling_type: str = "LAST"
+    normalize: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive("block_size", self.block_size)
-        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
-        _check_positive("num_blocks", self.num_blocks)
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(
+                f"pooler_config: pooling_type must be one of {POOLING_TYPES}, "
+                f"got {self.pooling_type!r}"
+            )
+        if not isinstance(self.normalize, bool):
+            raise ValueError("pooler_config: normalize must be true or false")
+
+    @classmethod
+    def parse(cls, value: dict | str | None) -> dict:
+        """The user's overrides (a dict, or JSON text from the CLI) as a checked dict."""
+        if value is None or value == "":
+            return {}
+        raw = _config_fields(value, cls, "pooler_config")
+        if isinstance(raw.get("pooling_type"), str):
+            raw["pooling_type"] = raw["pooling_type"].upper()
+        cls(**raw)  # checks the values
+        return raw
 
 
 @dataclass
@@ -192,6 +214,29 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     eos_token_ids: list[int] = field(default_factory=list)
+    runner_type: str = "generate"  # or "pooling"
+    pooler_config: PoolerConfig | None = None  # set for a pooling runner
+    # Matryoshka: the embedding sizes the model was trained to be cut to (all of them up to
+    # the hidden size with is_matryoshka); None: ``dimensions`` is refused.
+    matryoshka_dimensions: list[int] | None = None
+
+
+def _config_fields(value: dict | str, cls: type, what: str) -> dict[str, Any]:
+    """A config given as a dict or as JSON text (the CLI's form) -> a copy of its fields,
+    ValueError naming ``what`` for bad JSON or keys ``cls`` does not have."""
+    raw: Any = value
+    if isinstance(value, str):
+        try:
+            raw = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be a JSON object / dict")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {sorted(unknown)} (known: {sorted(names)})")
+    return dict(raw)
 
 
 def default_kv_cache_memory() -> int:

@@ -39,3 +39,25 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """A pooling request's result (vLLM's EmbeddingRequestOutput): one vector per prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput | None  # None when aborted
+    finished: bool = True
+    prompt: str | None = None
+    num_cached_tokens: int = 0
+    finish_reason: str | None = "stop"  # "abort" when aborted

@@ -12,9 +12,11 @@ also what a distributed executor sends to its workers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -27,6 +29,8 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]  # the whole block table so far
     num_computed_tokens: int  # tokens already in the KV cache (a prefix-cache hit)
+    # A pooling request: the step that ends its prompt pools it instead of sampling.
+    pooling_params: PoolingParams | None = None
 
 
 @dataclass
@@ -87,3 +91,5 @@ class ModelRunnerOutput:
     # The new tokens of each sampling request: one, or with drafts, the accepted ones and the
     # token sampled after them.
     sampled: dict[str, list[SampledToken]]
+    # Pooling requests whose prompt ended this step: their embedding (fp32, on the CPU).
+    pooled: dict[str, Any] = field(default_factory=dict)

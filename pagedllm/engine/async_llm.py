@@ -32,7 +32,8 @@ from pagedllm.engine.request_stream import RequestStream
 from pagedllm.engine.scheduler import SchedulerStats
 from pagedllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger
 from pagedllm.executor import WorkerDiedError
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class EngineInfo:
     # NOTE: a private copy of the engine's tokenizer, so the front end never shares the (not
     # thread-safe) tokenizer object the worker thread decodes with.
     tokenizer: Any
+    runner_type: str = "generate"  # or "pooling": which API routes it serves
+    hidden_size: int = 0
 
 
 @dataclass
@@ -173,7 +176,7 @@ class AsyncLLM:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         group_id: str | None = None,
     ) -> RequestStream:
@@ -183,7 +186,7 @@ class AsyncLLM:
         self._check_alive()
         assert self.admission is not None
         try:
-            self.admission.admit(request_id, params.n)
+            self.admission.admit(request_id, getattr(params, "n", 1))
         except QueueFullError:
             self.record_rejection("queue_full")
             raise
@@ -213,6 +216,20 @@ class AsyncLLM:
         try:
             async for out in stream:
                 yield out
+        finally:
+            stream.abort()
+
+    async def encode(
+        self, prompt: PromptType, params: PoolingParams, request_id: str
+    ) -> EmbeddingRequestOutput:
+        """vLLM's ``AsyncLLM.encode`` for a pooling engine: the prompt's embedding. Cancelling
+        the caller aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for out in stream:
+                if out.finished:
+                    return out
+            raise RuntimeError(f"request {request_id} ended without an output")
         finally:
             stream.abort()
 
@@ -261,6 +278,8 @@ class AsyncLLM:
                 max_model_len=engine.max_model_len,
                 vocab_size=engine.model_config.vocab_size,
                 tokenizer=tokenizer,
+                runner_type=engine.model_config.runner_type,
+                hidden_size=engine.runner.arch.hidden_size,
             )
         except BaseException as exc:
             logger.exception("engine failed to load")
@@ -411,9 +430,14 @@ class AsyncLLM:
 
 
 def _warm_up(engine: LLMEngine) -> None:
-    """One tiny greedy request, so the first real request pays no one-time costs."""
+    """One tiny greedy request (or embedding), so the first real request pays no one-time
+    costs."""
     prompt = engine.tokenizer.encode("Hello") or [0]
-    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    params: SamplingParams | PoolingParams = SamplingParams(
+        temperature=0.0, max_tokens=2, ignore_eos=True
+    )
+    if engine.is_pooling:
+        params = PoolingParams()
     engine.add_request(WARMUP_REQUEST_ID, prompt, params)
     while engine.has_unfinished_requests():
         engine.step()

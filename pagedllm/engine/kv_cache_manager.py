@@ -136,3 +136,42 @@ class KVCacheManager:
             block_tokens = tuple(tokens[i * bs : (i + 1) * bs])
             keys.append(BlockKey(hash_block(parent, block_tokens), block_tokens))
         return keys
+
+
+class NoKVCacheManager:
+    """An encoder's stand-in for the KVCacheManager: it caches nothing, so every allocation
+    succeeds with no blocks and the scheduler's token budget and seats alone bound a step."""
+
+    enable_caching = False
+    num_blocks = 0
+    num_free_blocks = 0
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.prefix_cache_stats = PrefixCacheStats()
+
+    def usage(self) -> float:
+        return 0.0
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return []
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        return [], 0
+
+    def can_fit(self, num_tokens: int) -> bool:
+        return True
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[KVCacheBlock]:
+        return []
+
+    def free(self, request: Request) -> None:
+        pass
+
+    def reset_prefix_cache(self) -> bool:
+        return True

@@ -22,7 +22,8 @@ from pagedllm.config import (
 )
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.draft_policy import DraftPolicy
-from pagedllm.engine.kv_cache_manager import KVCacheManager
+from pagedllm.engine.kv_cache_manager import KVCacheManager, NoKVCacheManager
+from pagedllm.engine.model_task import resolve_model_task
 from pagedllm.engine.ngram_proposer import NgramProposer
 from pagedllm.engine.output_processor import OutputProcessor, RequestState, SampleState
 from pagedllm.engine.request import Request, RequestStatus
@@ -38,7 +39,8 @@ from pagedllm.model_executor.model_runner import ModelRunner
 from pagedllm.model_executor.models.hf_config import arch_config_from_hf
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.worker import WorkerConfig
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,9 @@ class LLMEngine:
         hf_config = load_hf_config(source)
         self.tokenizer = load_tokenizer(source, args.tokenizer)
         arch = arch_config_from_hf(hf_config)
+        self.task = resolve_model_task(args, arch, get_model_class(arch), source)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        max_model_len = _max_model_len(args.max_model_len, arch)
+        max_model_len = _max_model_len(args.max_model_len, arch, self.task.max_len)
         self.model_config = ModelConfig(
             model=source.model,
             dtype=args.dtype,
@@ -66,6 +69,11 @@ class LLMEngine:
             num_kv_heads=arch.num_kv_heads,
             head_dim=arch.head_dim,
             eos_token_ids=_eos_token_ids(hf_config, self.tokenizer),
+            runner_type=self.task.runner_type,
+            pooler_config=self.task.pooler_config,
+            matryoshka_dimensions=(
+                list(arch.matryoshka_dimensions) if arch.matryoshka_dimensions else None
+            ),
         )
         if args.tensor_parallel_size > 1:  # before any worker starts
             get_model_class(arch).check_tensor_parallel(arch, args.tensor_parallel_size)
@@ -87,6 +95,7 @@ class LLMEngine:
             world_size=args.tensor_parallel_size,
             cpu_binds=binds,
             dist_timeout_s=envs.dist_timeout(),
+            pooler_config=self.task.pooler_config,
         )
         self.executor = create_executor(
             worker_config, args.distributed_executor_backend, args.ray_address
@@ -97,14 +106,82 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         logger.info(
-            "engine ready in %.1f s (model %s, %s, tensor parallel %d)",
+            "engine ready in %.1f s (model %s, %s, tensor parallel %d, runner %s%s)",
             time.perf_counter() - t0,
             source.model,
             args.dtype,
             args.tensor_parallel_size,
+            self.task.runner_type,
+            f", pooling {self.task.pooler_config}" if self.task.pooler_config else "",
         )
 
+    @property
+    def is_pooling(self) -> bool:
+        return self.task.runner_type == "pooling"
+
     def _init_cache_and_scheduler(self, args: EngineArgs, arch: Any, max_model_len: int) -> None:
+        # MEAN / CLS pooling reads every token of the prompt in the step that ends it: no
+        # chunks, no prefix-cache hits.
+        whole_prompts = self.is_pooling and self.task.pooler_config.pooling_type != "LAST"
+        chunked = args.enable_chunked_prefill and not whole_prompts
+        max_batched = args.max_num_batched_tokens or (2048 if chunked else max(2048, max_model_len))
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=chunked,
+        )
+        if self.task.is_encoder:
+            self.executor.collective_rpc("allocate_kv_cache", 0, args.block_size)
+            self.kv_cache_manager = NoKVCacheManager(args.block_size)
+        else:
+            self._init_kv_cache(args, max_model_len, caching=not whole_prompts)
+        self.speculative_config = None
+        if not self.is_pooling:
+            self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
+        attention = self.runner.backend.attention
+        if (
+            self.speculative_config is not None
+            and args.speculative_config == "auto"
+            and not attention.drafts_by_default
+        ):
+            logger.info(
+                "speculative decoding is off by default on the %s backend (checking drafts "
+                "costs more there than they win); --speculative-config turns it on",
+                attention.name,
+            )
+            self.speculative_config = None
+        proposer, draft_policy = None, None
+        if self.speculative_config is not None:
+            rows = (self.speculative_config.num_speculative_tokens + 1) * (
+                arch.num_heads // arch.num_kv_heads
+            )
+            limit = self.runner.backend.attention.max_verify_rows
+            if limit is not None and rows > limit:
+                raise ValueError(
+                    f"speculative_config: (num_speculative_tokens + 1) x query heads per kv "
+                    f"head is {rows}, more than the {self.runner.backend.name} verify kernel "
+                    f"takes ({limit}): lower num_speculative_tokens"
+                )
+            proposer = NgramProposer(self.speculative_config)
+            if self.speculative_config.adaptive:
+                draft_policy = DraftPolicy()
+        self.structured_output = None
+        if not self.is_pooling:
+            self.structured_output = StructuredOutputManager(
+                self.tokenizer, arch.vocab_size, self.model_config.eos_token_ids
+            )
+        self.scheduler = Scheduler(
+            self.scheduler_config,
+            self.kv_cache_manager,
+            proposer,
+            draft_policy,
+            self.structured_output,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_steps = 0
+
+    def _init_kv_cache(self, args: EngineArgs, max_model_len: int, caching: bool) -> None:
         num_blocks = self._num_kv_blocks(args)
         if num_blocks * args.block_size < max_model_len:
             raise ValueError(
@@ -127,53 +204,8 @@ class LLMEngine:
             num_blocks * args.block_size / max_model_len,
         )
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching
+            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching and caching
         )
-        max_batched = args.max_num_batched_tokens or (
-            2048 if args.enable_chunked_prefill else max(2048, max_model_len)
-        )
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=max_batched,
-            max_model_len=max_model_len,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-        )
-        self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
-        attention = self.runner.backend.attention
-        if args.speculative_config == "auto" and not attention.drafts_by_default:
-            logger.info(
-                "speculative decoding is off by default on the %s backend (checking drafts "
-                "costs more there than they win); --speculative-config turns it on",
-                attention.name,
-            )
-            self.speculative_config = None
-        proposer, draft_policy = None, None
-        if self.speculative_config is not None:
-            rows = (self.speculative_config.num_speculative_tokens + 1) * (
-                arch.num_heads // arch.num_kv_heads
-            )
-            limit = self.runner.backend.attention.max_verify_rows
-            if limit is not None and rows > limit:
-                raise ValueError(
-                    f"speculative_config: (num_speculative_tokens + 1) x query heads per kv "
-                    f"head is {rows}, more than the {self.runner.backend.name} verify kernel "
-                    f"takes ({limit}): lower num_speculative_tokens"
-                )
-            proposer = NgramProposer(self.speculative_config)
-            if self.speculative_config.adaptive:
-                draft_policy = DraftPolicy()
-        self.structured_output = StructuredOutputManager(
-            self.tokenizer, arch.vocab_size, self.model_config.eos_token_ids
-        )
-        self.scheduler = Scheduler(
-            self.scheduler_config,
-            self.kv_cache_manager,
-            proposer,
-            draft_policy,
-            self.structured_output,
-        )
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.num_steps = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -197,15 +229,24 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
         group_id: str | None = None,
     ) -> None:
         """Validate and queue a request; raises ValueError (and changes nothing) on bad input.
-        Its n samples, and requests given the same ``group_id``, take turns as one group."""
-        params = params or SamplingParams()
+        Its n samples, and requests given the same ``group_id``, take turns as one group.
+        A pooling engine takes PoolingParams (embeddings), a generating one SamplingParams."""
         if self.output_processor.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.is_pooling:
+            self._add_pooling_request(request_id, prompt, params, arrival_time, group_id)
+            return
+        if isinstance(params, PoolingParams):
+            raise ValueError(
+                "this model runs as a generative model: embeddings need a pooling model "
+                "(--runner pooling, or --convert embed for a decoder)"
+            )
+        params = params or SamplingParams()
         prompt_text, prompt_ids = self._tokenize(prompt)
         params = self._finalize_params(params, len(prompt_ids))
         if params.structured_outputs is not None:
@@ -243,7 +284,54 @@ class LLMEngine:
             RequestState(request_id, prompt_text, prompt_ids, params, samples)
         )
 
-    def abort_request(self, request_id: str | list[str]) -> list[RequestOutput]:
+    def _add_pooling_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | PoolingParams | None,
+        arrival_time: float | None,
+        group_id: str | None,
+    ) -> None:
+        if isinstance(params, SamplingParams):
+            raise ValueError(
+                "this model runs as a pooling (embedding) model: it makes embeddings, not "
+                "text (LLM.embed, /v1/embeddings); serve a generative model for completions"
+            )
+        params = params or PoolingParams()
+        self._check_dimensions(params.dimensions)
+        prompt_text, prompt_ids = self._tokenize(prompt, params.truncate_prompt_tokens)
+        # Only the prompt runs: its length bound is the prompt (max_tokens 1, never sampled).
+        request = Request(
+            request_id,
+            prompt_ids,
+            SamplingParams(max_tokens=1),
+            arrival_time,
+            group_id,
+            pooling_params=params,
+        )
+        self.scheduler.add_request(request)
+        self.output_processor.add_pooling_request(request_id, prompt_text, prompt_ids)
+
+    def _check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is None:
+            return
+        hidden = self.runner.arch.hidden_size
+        allowed = self.model_config.matryoshka_dimensions
+        if dimensions == hidden or (allowed and dimensions in allowed):
+            return
+        if not allowed:
+            raise ValueError(
+                f"dimensions={dimensions}: this model's embeddings have {hidden} values and it "
+                "was not trained to be cut shorter (no Matryoshka dimensions in its config)"
+            )
+        raise ValueError(
+            f"dimensions={dimensions}: this model's embeddings can be cut to "
+            f"{_describe_dims(allowed)} values"
+        )
+
+    def abort_request(
+        self, request_id: str | list[str]
+    ) -> list[RequestOutput | EmbeddingRequestOutput]:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         outputs = []
         for rid in ids:
@@ -261,7 +349,7 @@ class LLMEngine:
         return self.scheduler.get_num_unfinished_requests()
 
     # ---- the loop ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         scheduler_output = self.scheduler.schedule()
         t0 = time.perf_counter()
         runner_output = self.executor.execute_model(scheduler_output)
@@ -277,13 +365,27 @@ class LLMEngine:
         return self.scheduler.make_stats()
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
+    def _tokenize(
+        self, prompt: PromptType, truncate: int | None = None
+    ) -> tuple[str | None, list[int]]:
+        """``truncate``: keep that many tokens (-1: max_model_len), cutting the end of the
+        text as the tokenizer does (its special tokens kept, as sentence-transformers) or of
+        the token ids, instead of refusing a prompt over max_model_len."""
+        if truncate == -1:
+            truncate = self.max_model_len
+        if truncate is not None and truncate > self.max_model_len:
+            raise ValueError(
+                f"truncate_prompt_tokens={truncate} is more than max_model_len={self.max_model_len}"
+            )
+        if isinstance(prompt, dict) and "prompt_token_ids" not in prompt and "prompt" in prompt:
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str) and truncate is not None:
+            text = prompt
+            ids = self.tokenizer(prompt, truncation=True, max_length=truncate)["input_ids"]
+        elif isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        elif isinstance(prompt, dict) and "prompt" in prompt:
-            text, ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             text, ids = None, list(prompt)
         else:
@@ -297,9 +399,12 @@ class LLMEngine:
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if truncate is not None:
+            ids = ids[:truncate]
         if len(ids) > self.max_model_len:
+            hint = " (or pass truncate_prompt_tokens to cut it)" if self.is_pooling else ""
             raise ValueError(
-                f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}"
+                f"prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}{hint}"
             )
         return text, ids
 
@@ -335,8 +440,18 @@ class LLMEngine:
         return num_blocks
 
 
-def _max_model_len(requested: int | None, arch: Any) -> int:
+def _describe_dims(dims: list[int]) -> str:
+    if dims == list(range(1, dims[-1] + 1)):
+        return f"any number from 1 to {dims[-1]}"
+    return ", ".join(map(str, dims))
+
+
+def _max_model_len(requested: int | None, arch: Any, trained_len: int | None = None) -> int:
+    """``trained_len``: the length an embedder was trained for (sentence-transformers'
+    max_seq_length, e.g. 256 for all-MiniLM-L6-v2 over its 512 positions)."""
     limit = arch.max_position_embeddings
+    if trained_len:
+        limit = min(limit, trained_len)
     if arch.sliding_window:
         # NOTE: no sliding-window masking; capping the length keeps answers exact.
         limit = min(limit, arch.sliding_window)

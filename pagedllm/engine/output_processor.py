@@ -1,5 +1,6 @@
 """OutputProcessor: turns the scheduler's new tokens into RequestOutputs (text, logprobs,
-finish reasons), detects stop strings, and folds the n samples of a request into one output."""
+finish reasons), detects stop strings, and folds the n samples of a request into one output;
+and a pooling request's embedding into its EmbeddingRequestOutput."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from typing import Any
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.scheduler import EngineCoreOutput
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -72,6 +79,13 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
         self.child_to_parent: dict[str, str] = {}
+        # Pooling requests: request id -> (prompt text, prompt token ids).
+        self.pooling: dict[str, tuple[str | None, list[int]]] = {}
+
+    def add_pooling_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int]
+    ) -> None:
+        self.pooling[request_id] = (prompt, prompt_token_ids)
 
     def add_request(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
@@ -79,20 +93,26 @@ class OutputProcessor:
             self.child_to_parent[child_id] = state.request_id
 
     def child_ids(self, request_id: str) -> list[str]:
+        if request_id in self.pooling:
+            return [request_id]
         state = self.requests.get(request_id)
         return list(state.samples) if state else []
 
     def has(self, request_id: str) -> bool:
-        return request_id in self.requests
+        return request_id in self.requests or request_id in self.pooling
 
     def process(
         self, core_outputs: list[EngineCoreOutput]
-    ) -> tuple[list[RequestOutput], list[str]]:
+    ) -> tuple[list[RequestOutput | EmbeddingRequestOutput], list[str]]:
         """-> (outputs of requests that changed, child ids stopped by a stop string)."""
         changed: dict[str, RequestState] = {}
         stopped_by_string: list[str] = []
+        pooled: list[RequestOutput | EmbeddingRequestOutput] = []
         now = time.monotonic()
         for out in core_outputs:
+            if out.pooled is not None:
+                pooled.append(self._pooled_output(out))
+                continue
             parent_id = self.child_to_parent.get(out.req_id)
             if parent_id is None:
                 continue
@@ -109,14 +129,29 @@ class OutputProcessor:
                 sample.finish_reason, sample.stop_reason = "stop", stop
                 stopped_by_string.append(out.req_id)
             changed[parent_id] = state
-        results = []
+        results = pooled
         for parent_id, state in changed.items():
             results.append(state.make_output())
             if state.finished:
                 self._remove(parent_id)
         return results, stopped_by_string
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def _pooled_output(self, out: EngineCoreOutput) -> EmbeddingRequestOutput:
+        prompt, prompt_ids = self.pooling.pop(out.req_id)
+        return EmbeddingRequestOutput(
+            request_id=out.req_id,
+            prompt_token_ids=prompt_ids,
+            outputs=EmbeddingOutput(out.pooled.tolist()),
+            prompt=prompt,
+            num_cached_tokens=out.num_cached_tokens,
+        )
+
+    def abort(self, request_id: str) -> RequestOutput | EmbeddingRequestOutput | None:
+        if request_id in self.pooling:
+            prompt, prompt_ids = self.pooling.pop(request_id)
+            return EmbeddingRequestOutput(
+                request_id, prompt_ids, None, prompt=prompt, finish_reason="abort"
+            )
         state = self.requests.get(request_id)
         if state is None:
             return None

@@ -6,6 +6,7 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,7 +52,10 @@ class Request:
         arrival_time: float | None = None,
         group_id: str | None = None,
         grammar: GrammarMatcher | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> None:
+        """``pooling_params``: a pooling (embedding) request, which finishes with the step
+        that computes the end of its prompt; its sampling_params only bound its length."""
         self.req_id = req_id
         # The API call it came from (its prompts x n samples); admission is fair between groups.
         self.group_id = req_id if group_id is None else group_id
@@ -72,6 +76,7 @@ class Request:
         # Structured outputs: the request's position in its grammar (its own, also for each
         # of n samples), advanced by every token it generates.
         self.grammar = grammar
+        self.pooling_params = pooling_params
         # How many of its tokens and blocks the step messages have carried to the model runner
         # (it keeps them between steps; see scheduler_output.py).
         self.num_tokens_sent = 0

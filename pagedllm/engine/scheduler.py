@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.engine.draft_policy import DraftPolicy
@@ -35,6 +36,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    pooled: Any = None  # a pooling request's embedding
 
 
 @dataclass
@@ -197,6 +199,22 @@ class Scheduler:
             if end < request.num_tokens:  # a prompt chunk that does not end the prompt
                 request.num_computed_tokens += num_tokens
                 continue
+            if request.pooling_params is not None:  # its prompt is done: so is the request
+                request.num_computed_tokens += num_tokens
+                request.status = RequestStatus.FINISHED_STOPPED
+                outputs.append(
+                    EngineCoreOutput(
+                        req_id=req_id,
+                        new_token_ids=[],
+                        sampled=[],
+                        finish_reason=request.status.finish_reason,
+                        num_cached_tokens=request.num_cached_tokens or 0,
+                        pooled=runner_output.pooled[req_id],
+                    )
+                )
+                self.running.remove(request)
+                self._free(request)
+                continue
             tokens = runner_output.sampled[req_id]
             # The newest token and the accepted drafts now have KV; a rejected draft's KV is
             # overwritten later (its slot lies past num_computed_tokens).
@@ -274,6 +292,7 @@ class Scheduler:
                 sampling_params=request.sampling_params,
                 block_ids=list(block_ids),
                 num_computed_tokens=request.num_computed_tokens,
+                pooling_params=request.pooling_params,
             )
         )
         request.num_tokens_sent, request.num_blocks_sent = request.num_tokens, len(block_ids)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pagedllm.engine.scheduler import SchedulerStats
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
 
 
 @dataclass
@@ -66,13 +66,18 @@ class RequestStatsTracker:
     def add(self, request_id: str, arrival_time: float) -> None:
         self._requests[request_id] = _RequestTiming(arrival_time)
 
-    def update(self, outputs: list[RequestOutput], now: float) -> IterationStats:
+    def update(
+        self, outputs: list[RequestOutput | EmbeddingRequestOutput], now: float
+    ) -> IterationStats:
         stats = IterationStats()
         for out in outputs:
             timing = self._requests.get(out.request_id)
             if timing is None:
                 continue
             timing.num_prompt_tokens = len(out.prompt_token_ids)
+            if isinstance(out, EmbeddingRequestOutput):  # its one output: the embedding
+                self._pooled(out, timing, now, stats)
+                continue
             total = sum(len(c.token_ids) for c in out.outputs)
             new_tokens = total - timing.num_generation_tokens
             timing.num_generation_tokens = total
@@ -85,6 +90,26 @@ class RequestStatsTracker:
                 del self._requests[out.request_id]
                 stats.finished_requests.append(_finished(out, timing, now))
         return stats
+
+    def _pooled(
+        self, out: EmbeddingRequestOutput, timing: _RequestTiming, now: float, stats: IterationStats
+    ) -> None:
+        del self._requests[out.request_id]
+        ttft = None
+        if out.outputs is not None:
+            ttft = now - timing.arrival_time
+            stats.num_prompt_tokens += timing.num_prompt_tokens
+            stats.time_to_first_tokens.append(ttft)
+        stats.finished_requests.append(
+            FinishedRequestStats(
+                finish_reason=out.finish_reason or "abort",
+                num_prompt_tokens=timing.num_prompt_tokens,
+                num_generation_tokens=0,
+                e2e_latency=now - timing.arrival_time,
+                time_to_first_token=ttft,
+                time_per_output_token=None,
+            )
+        )
 
 
 def _finished(out: RequestOutput, timing: _RequestTiming, now: float) -> FinishedRequestStats:

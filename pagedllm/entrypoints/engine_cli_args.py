@@ -49,6 +49,14 @@ HELP = {
     "distributed_executor_backend": "how the tensor-parallel ranks run: mp (worker processes "
     "on this machine; the default for --tensor-parallel-size > 1), ray (Ray actors on the "
     "nodes of a Ray cluster) or uni (one rank, in-process; the default otherwise)",
+    "runner": "what the model serves: generate (completions, chat), pooling (/v1/embeddings, "
+    "/pooling, /score) or auto (pooling for an encoder such as BertModel or with --convert "
+    "embed, else generate)",
+    "convert": "embed: serve a decoder (Llama, Qwen2, ...) as an embedding model, its last "
+    "token's final hidden state normalized (vLLM's --convert embed); auto: as the runner needs",
+    "pooler_config": 'pooling model: JSON like vLLM\'s \'{"pooling_type": "MEAN", '
+    "\"normalize\": true}' (MEAN, CLS or LAST) over the model's sentence-transformers "
+    "files (modules.json, 1_Pooling/config.json)",
     "ray_address": "the Ray cluster to join with --distributed-executor-backend ray "
     "(host:6379 as `ray start --head` prints it; default: env RAY_ADDRESS, else a new local "
     "cluster)",

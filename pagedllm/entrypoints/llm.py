@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,8 @@ from tqdm.auto import tqdm
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.entrypoints.chat_templates import tool_template
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -46,21 +48,49 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        if self.engine.is_pooling:
+            raise ValueError(
+                "this model runs as a pooling (embedding) model: use LLM.embed, or load a "
+                "generative model for generate/chat"
+            )
+        return self._submit(prompts, sampling_params or SamplingParams(), use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's ``LLM.embed``: one embedding per prompt (``out.outputs.embedding``), from a
+        pooling model (an encoder such as BERT, or a decoder with convert="embed")."""
+        if not self.engine.is_pooling:
+            raise ValueError(
+                "this model runs as a generative model: embeddings need runner='pooling' "
+                "(or convert='embed' for a decoder)"
+            )
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if truncate_prompt_tokens is not None:
+            cut = {"truncate_prompt_tokens": truncate_prompt_tokens}
+            if isinstance(pooling_params, PoolingParams):
+                pooling_params = dataclasses.replace(pooling_params, **cut)
+            else:
+                pooling_params = [dataclasses.replace(p, **cut) for p in pooling_params]
+        return self._submit(prompts, pooling_params, use_tqdm)
+
+    def _submit(self, prompts, params, use_tqdm: bool) -> list:
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
+        if isinstance(params, (SamplingParams, PoolingParams)):
+            params_list = [params] * len(prompts)
         else:
-            params_list = list(sampling_params)
+            params_list = list(params)
             if len(params_list) != len(prompts):
-                raise ValueError(
-                    f"got {len(params_list)} sampling_params for {len(prompts)} prompts"
-                )
+                raise ValueError(f"got {len(params_list)} params for {len(prompts)} prompts")
         # Validate everything before queueing anything, so one bad prompt rejects the call
         # without leaving half of it in the engine.
         request_ids = []
@@ -105,9 +135,9 @@ class LLM:
             self.engine.tokenizer, messages, chat_template, add_generation_prompt, tools
         )
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list:
         wanted = set(request_ids)
-        finished: dict[str, RequestOutput] = {}
+        finished: dict[str, RequestOutput | EmbeddingRequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while len(finished) < len(request_ids):

@@ -28,6 +28,7 @@ import torch
 from pagedllm.model_executor.backends.attention_metadata import (
     AttentionMetadata,
     DecodeMetadata,
+    EncoderMetadata,
     PrefillSeq,
 )
 from pagedllm.model_executor.backends.torch_attention import TorchAttentionBackend
@@ -40,7 +41,7 @@ class ModelInputs:
     num_tokens: int  # scheduled tokens; input_ids may hold pad rows after them
     input_ids: torch.Tensor
     positions: torch.Tensor
-    attn: AttentionMetadata
+    attn: AttentionMetadata | EncoderMetadata
     sample_rows: list[int]  # indices into ``requests`` that sample this step
     # Logit rows per sampling request: 1, or 1 + its drafts.
     sample_num_rows: list[int]
@@ -144,6 +145,41 @@ def build_inputs(
         sample_rows=sample_rows,
         sample_num_rows=num_rows.tolist(),
         sample_token_index=to(sample_index),
+    )
+
+
+def build_encoder_inputs(scheduled: list[StepRequest], device: torch.device) -> ModelInputs:
+    """An encoder's step: whole prompts (positions from 0), each attending to all of its own
+    tokens, nothing cached; every request's hidden states are pooled."""
+    n = len(scheduled)
+    lens = np.fromiter((s.num_tokens for s in scheduled), dtype=np.int64, count=n)
+    assert all(s.start_pos == 0 for s in scheduled), "an encoder runs whole prompts"
+    total, longest = int(lens.sum()), int(lens.max())
+    input_ids = np.fromiter((t for s in scheduled for t in s.token_ids), np.int64, count=total)
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
+    offsets = np.arange(longest)[None, :]
+    valid = offsets < lens[:, None]
+    pad_index = np.where(valid, cu[:-1, None] + offsets, total)  # pads read the zero row
+    token_index = (np.repeat(np.arange(n), lens) * longest + positions).astype(np.int64)
+
+    def to(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return ModelInputs(
+        requests=list(scheduled),
+        num_tokens=total,
+        input_ids=to(input_ids),
+        positions=to(positions),
+        attn=EncoderMetadata(
+            seq_lens=lens.tolist(),
+            pad_index=to(pad_index),
+            key_mask=to(valid[:, None, None, :]),
+            token_index=to(token_index),
+        ),
+        sample_rows=list(range(n)),
+        sample_num_rows=[1] * n,
+        sample_token_index=to(cu[1:] - 1),
     )
 
 

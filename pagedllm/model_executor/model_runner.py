@@ -9,15 +9,16 @@ import logging
 import numpy as np
 import torch
 
-from pagedllm.config import KV_CACHE_DTYPES
+from pagedllm.config import KV_CACHE_DTYPES, PoolerConfig
 from pagedllm.distributed import TensorParallelGroup, single_rank
 from pagedllm.model_executor.backends import Backend, select_backend
 from pagedllm.model_executor.hugepages import zeros_hugepage
-from pagedllm.model_executor.input_batch import ModelInputs, build_inputs
+from pagedllm.model_executor.input_batch import ModelInputs, build_encoder_inputs, build_inputs
 from pagedllm.model_executor.layers.linear import (
     pack_linear_weights,
     quantize_linear_weights_int8,
 )
+from pagedllm.model_executor.layers.pooler import Pooler
 from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
@@ -42,11 +43,13 @@ class ModelRunner:
         block_size: int = 16,
         backend: Backend | None = None,
         tp: TensorParallelGroup | None = None,
+        pooler_config: PoolerConfig | None = None,
     ) -> None:
         """``backend``: the kernels to run on; by default the selector's choice for this
         device, dtype and CPU (PAGEDLLM_CPU_ISA), made here once. ``tp``: the tensor-parallel
         rank this runner is (its shard of the weights and of the KV cache's heads); rank 0
-        samples, the others only take part in the forward pass."""
+        samples, the others only take part in the forward pass. ``pooler_config``: a pooling
+        runner, which returns each finished prompt's embedding instead of sampling."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
@@ -68,6 +71,9 @@ class ModelRunner:
         )
         self.tp = tp or single_rank()
         self.model = get_model_class(arch)(arch, self.tp)
+        # An encoder keeps no KV cache: each step is whole prompts, attending both ways.
+        self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)
+        self.pooler = Pooler(pooler_config) if pooler_config is not None else None
         self.num_kv_heads = self.model.num_kv_heads  # this rank's
         self.backend.bind(self.model)
         self.sampler = Sampler(self.backend.kernels)
@@ -81,8 +87,9 @@ class ModelRunner:
     def load_weights(self, weights) -> None:
         self.model.load_weights(weights)
         # Matmul weights take the engine dtype; norm weights (and RoPE tables) stay fp32.
+        keeps_fp32 = getattr(self.model, "keeps_fp32", lambda name: name.endswith("norm.weight"))
         for name, param in self.model.named_parameters():
-            dtype = torch.float32 if name.endswith("norm.weight") else self.dtype
+            dtype = torch.float32 if keeps_fp32(name) else self.dtype
             param.data = param.data.to(device=self.device, dtype=dtype)
         for layer in self.model.model.layers:
             layer.compute_dtype = self.dtype
@@ -109,6 +116,8 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
+        if not self.uses_kv_cache:
+            return
         h, d = self.num_kv_heads, self.arch.head_dim
         # Layouts: see layers/attention.py. Zeroed: the torch fallback multiplies masked-out
         # slots by 0, so they must not hold NaNs.
@@ -148,6 +157,9 @@ class ModelRunner:
 
     def _forward(self, scheduler_output: SchedulerOutput) -> tuple[ModelInputs, torch.Tensor]:
         assert self.block_size is not None, "allocate_kv_cache first"
+        if not self.uses_kv_cache:
+            inputs = build_encoder_inputs(self.requests.update(scheduler_output), self.device)
+            return inputs, self.model(inputs.input_ids, inputs.positions, inputs.attn)
         inputs = build_inputs(
             self.requests.update(scheduler_output),
             self.requests.block_table.table,
@@ -188,6 +200,8 @@ class ModelRunner:
         if scheduler_output.is_empty:
             self.requests.update(scheduler_output)  # drops the finished ones
             return ModelRunnerOutput(sampled={})
+        if self.pooler is not None:
+            return self._execute_pooling(scheduler_output)
         inputs, hidden = self._forward_sampled(scheduler_output)
         sampling_reqs = [inputs.requests[i] for i in inputs.sample_rows]
         if not sampling_reqs:
@@ -226,6 +240,29 @@ class ModelRunner:
             sampled[req.req_id] = [tok]
             row += 1
         return ModelRunnerOutput(sampled=sampled)
+
+    def _execute_pooling(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Pool the requests whose prompt ends this step (rank 0; the others only join the
+        forward pass). The pooler checks it got what it needs: the whole prompt in this step
+        where it reads every token."""
+        assert self.pooler is not None
+        inputs, hidden = self._forward(scheduler_output)
+        if not self.tp.is_driver:
+            return ModelRunnerOutput(sampled={})
+        starts = np.cumsum([0] + [s.num_tokens for s in inputs.requests])
+        rows = inputs.sample_rows
+        if not rows:  # only prompt chunks that do not end their prompt
+            return ModelRunnerOutput(sampled={})
+        reqs = [inputs.requests[i] for i in rows]
+        if self.pooler.needs_whole_prompt:
+            assert all(r.start_pos == 0 for r in reqs), "a pooled prompt must run in one step"
+        vectors = self.pooler(
+            hidden[: inputs.num_tokens],
+            [int(starts[i]) for i in rows],
+            [inputs.requests[i].num_tokens for i in rows],
+            [r.state.pooling_params for r in reqs],
+        )
+        return ModelRunnerOutput(sampled={}, pooled={r.req_id: v for r, v in zip(reqs, vectors)})
 
     def _apply_grammars(
         self, logits: torch.Tensor, reqs: list, num_rows: list[int], out: SchedulerOutput

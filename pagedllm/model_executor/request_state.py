@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.scheduler_output import SchedulerOutput
 
@@ -23,6 +24,7 @@ class CachedRequestState:
     row: int  # of the block table
     num_blocks: int
     num_computed_tokens: int
+    pooling_params: PoolingParams | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -126,6 +128,7 @@ class RequestStates:
                 row=row,
                 num_blocks=len(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
+                pooling_params=new.pooling_params,
             )
         for cached in out.cached_requests:
             state = self.states[cached.req_id]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pagedllm.config import PoolerConfig
 from pagedllm.distributed import TensorParallelGroup, destroy_distributed, init_distributed
 from pagedllm.model_executor.loader import ModelSource, iter_weights, resolve_model
 from pagedllm.model_executor.model_runner import ModelRunner
@@ -36,6 +37,7 @@ class WorkerConfig:
     # Per-rank CPU core lists (PAGEDLLM_CPU_THREADS_BIND); None: split the cores evenly.
     cpu_binds: tuple[tuple[int, ...], ...] | None = None
     dist_timeout_s: float = 120.0
+    pooler_config: PoolerConfig | None = None  # a pooling runner (embeddings)
 
 
 class Worker:
@@ -59,6 +61,7 @@ class Worker:
             config.quantization,
             block_size=config.block_size,
             tp=self.tp,
+            pooler_config=config.pooler_config,
         )
         self.runner.load_weights(iter_weights(source))
 

@@ -47,8 +47,11 @@ from pagedllm.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
+    PoolingRequest,
+    ScoreRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -60,6 +63,7 @@ from pagedllm.entrypoints.openai.serving_chat import (
     messages_to_dicts,
 )
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 
 logger = logging.getLogger(__name__)
@@ -120,6 +124,24 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
 
 
+async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
+    serving: OpenAIServingEmbedding = raw_request.app.state.embedding
+    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
+    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
+
+
+async def create_pooling(request: PoolingRequest, raw_request: Request) -> Response:
+    serving: OpenAIServingEmbedding = raw_request.app.state.embedding
+    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
+    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
+
+
+async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
+    serving: OpenAIServingEmbedding = raw_request.app.state.embedding
+    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
+    return await cancel_on_disconnect(raw_request, serving.score(request, deadline))
+
+
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:
     state = raw_request.app.state
     state.chat.check_model(request.model)
@@ -165,6 +187,10 @@ def build_router() -> APIRouter:
     router.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
     router.add_api_route("/v1/completions", create_completion, methods=["POST"])
     router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    router.add_api_route("/v1/embeddings", create_embedding, methods=["POST"])
+    router.add_api_route("/pooling", create_pooling, methods=["POST"])
+    router.add_api_route("/score", create_score, methods=["POST"])
+    router.add_api_route("/v1/score", create_score, methods=["POST"])
     router.add_api_route("/tokenize", tokenize, methods=["POST"])
     router.add_api_route("/detokenize", detokenize, methods=["POST"])
     return router
@@ -207,6 +233,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
     )
     app.state.completion = OpenAIServingCompletion(*servings)
     app.state.chat = OpenAIServingChat(*servings, tool_call_parser=config.tool_call_parser)
+    app.state.embedding = OpenAIServingEmbedding(*servings)
     # Added innermost first: a request meets the gate, then auth, the body limit, the deadline.
     app.add_middleware(BodyReadTimeout, state=state, timeout=config.body_read_timeout)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)

@@ -333,3 +333,79 @@ class DetokenizeRequest(RequestModel):
 
 class DetokenizeResponse(ResponseModel):
     prompt: str
+
+
+# ---- embeddings, pooling, score (pooling models: --runner pooling) ---------------------------
+# OpenAI's ``input``: a text, texts, token ids, or lists of token ids.
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(RequestModel):
+    model: str | None = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # Matryoshka models only
+    user: str | None = None
+    # vLLM's extensions: cut a longer input to this many tokens (-1: the model's limit)
+    # instead of a 400; override the model's normalization.
+    truncate_prompt_tokens: int | None = None
+    normalize: bool | None = None
+
+
+class EmbeddingData(ResponseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(ResponseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
+
+
+class PoolingRequest(EmbeddingRequest):
+    """vLLM's /pooling: the pooler's raw output per input."""
+
+
+class PoolingData(ResponseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[float] | str
+
+
+class PoolingResponse(ResponseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: UsageInfo
+
+
+class ScoreRequest(RequestModel):
+    """vLLM's /score for an embedding model: the cosine similarity of each pair's embeddings.
+    One ``text_1`` against every ``text_2``, or lists of equal length paired in order."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+
+
+class ScoreData(ResponseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(ResponseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo

@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.llm_engine import PromptType
 from pagedllm.engine.request_stream import RequestStream
 from pagedllm.entrypoints.openai.errors import (
     OpenAIError,
@@ -27,6 +28,7 @@ from pagedllm.entrypoints.openai.errors import (
 from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 from pagedllm.outputs import RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,28 @@ class OpenAIServing:
                 400,
                 param="model",
                 code="model_not_found",
+            )
+
+    def check_pooling_model(self) -> None:
+        """400 for an embeddings route on a server that generates text."""
+        if self.engine.info.runner_type != "pooling":
+            raise OpenAIError(
+                f"the model `{self.served_model_name}` generates text and does not make "
+                "embeddings: serve an embedding model (pagedllm serve MODEL --runner pooling, "
+                "or --convert embed for a decoder)",
+                param="model",
+                code="model_not_supported",
+            )
+
+    def check_generate_model(self) -> None:
+        """400 for a completion / chat route on a server that makes embeddings."""
+        if self.engine.info.runner_type != "generate":
+            raise OpenAIError(
+                f"the model `{self.served_model_name}` is served as a pooling (embedding) "
+                "model and does not generate text: use /v1/embeddings (or serve a "
+                "generative model without --runner pooling)",
+                param="model",
+                code="model_not_supported",
             )
 
     def check_fan_out(self, num_prompts: int, n: int) -> None:
@@ -243,12 +267,21 @@ class OpenAIServing:
         self, request_id: str, prompts: list[PromptInput], params: list[SamplingParams]
     ) -> list[RequestStream]:
         """Add every prompt (concurrently: one engine round trip); all or nothing."""
+        return await self.add_requests(request_id, [p.engine_prompt() for p in prompts], params)
+
+    async def add_requests(
+        self,
+        request_id: str,
+        prompts: list[PromptType],
+        params: list[SamplingParams] | list[PoolingParams],
+    ) -> list[RequestStream]:
+        """Add engine requests ``{request_id}-{i}`` as one group, all or nothing."""
         ids = [
             request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
         ]
         results = await asyncio.gather(
             *(
-                self.engine.add_request(rid, p.engine_prompt(), sp, group_id=request_id)
+                self.engine.add_request(rid, p, sp, group_id=request_id)
                 for rid, p, sp in zip(ids, prompts, params, strict=True)
             ),
             return_exceptions=True,

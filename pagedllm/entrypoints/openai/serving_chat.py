@@ -124,6 +124,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, deadline: float | None = None) -> Response:
         self.check_model(req.model)
+        self.check_generate_model()
         num_top = self._check(req)
         plan = tool_plan(req)
         max_tokens = (

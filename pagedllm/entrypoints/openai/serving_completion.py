@@ -46,6 +46,7 @@ class _ChoiceState:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest, deadline: float | None = None) -> Response:
         self.check_model(req.model)
+        self.check_generate_model()
         self._check(req)
         base = self.base_params(req, req.max_tokens, req.logprobs)
         items = self._prompt_items(req.prompt)

@@ -41,3 +41,15 @@ class AttentionMetadata:
     # The prefills with nothing cached (start_pos == 0) as (token_start, num_tokens) int64
     # tensors, for a backend's fresh-prefill kernel (generic/prefill_attention.cpp).
     fresh_prefills: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class EncoderMetadata:
+    """One step of an encoder (no KV cache): each sequence's tokens attend to all of its own
+    tokens. ``pad_index`` [B, max_len] holds each sequence's token indices, then T (a zero row
+    appended for padding); ``key_mask`` [B, 1, 1, max_len] is False on those pad slots."""
+
+    seq_lens: list[int]
+    pad_index: torch.Tensor
+    key_mask: torch.Tensor
+    token_index: torch.Tensor  # [T]: each token's slot in the flattened [B * max_len]

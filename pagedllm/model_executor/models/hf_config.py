@@ -26,6 +26,12 @@ class ArchConfig:
     o_bias: bool
     mlp_bias: bool
     sliding_window: int | None
+    # Encoders (BERT): learned absolute positions, token types, LayerNorm, GELU.
+    model_type: str = ""
+    hidden_act: str = "silu"
+    type_vocab_size: int = 0
+    # Matryoshka embeddings (config.json's is_matryoshka / matryoshka_dimensions).
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
 
 def arch_config_from_hf(hf_config: Any) -> ArchConfig:
@@ -52,7 +58,9 @@ def arch_config_from_hf(hf_config: Any) -> ArchConfig:
         head_dim=head_dim,
         intermediate_size=hf_config.intermediate_size,
         vocab_size=hf_config.vocab_size,
-        rms_norm_eps=hf_config.rms_norm_eps,
+        rms_norm_eps=float(
+            getattr(hf_config, "rms_norm_eps", None) or getattr(hf_config, "layer_norm_eps", 1e-6)
+        ),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
@@ -61,7 +69,20 @@ def arch_config_from_hf(hf_config: Any) -> ArchConfig:
         o_bias=False if is_qwen2 else attention_bias,
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         sliding_window=sliding_window,
+        model_type=getattr(hf_config, "model_type", "") or "",
+        hidden_act=getattr(hf_config, "hidden_act", None) or "silu",
+        type_vocab_size=getattr(hf_config, "type_vocab_size", 0) or 0,
+        matryoshka_dimensions=_matryoshka_dimensions(hf_config),
     )
+
+
+def _matryoshka_dimensions(hf_config: Any) -> tuple[int, ...] | None:
+    dims = getattr(hf_config, "matryoshka_dimensions", None)
+    if dims:
+        return tuple(int(d) for d in dims)
+    if getattr(hf_config, "is_matryoshka", False):
+        return tuple(range(1, hf_config.hidden_size + 1))
+    return None
 
 
 def _arch_from_model_type(model_type: str) -> str:
@@ -69,4 +90,5 @@ def _arch_from_model_type(model_type: str) -> str:
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
+        "bert": "BertModel",
     }.get(model_type, model_type)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from pagedllm.model_executor.models.bert import BertModel
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "BertModel": BertModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
