@@ -18,7 +18,6 @@ the prefix cache; with drafts on, constrained outputs draft differently from pla
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,12 +26,10 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
+from benchmarks.workload_args import workload_parser  # noqa: E402
 from pagedllm.entrypoints.bench.datasets import load_jsonl_dataset  # noqa: E402
 from pagedllm.entrypoints.bench.offline import engine_prompt, exact_params  # noqa: E402
-from pagedllm.entrypoints.engine_cli_args import (  # noqa: E402
-    add_engine_args,
-    engine_args_from_namespace,
-)
+from pagedllm.entrypoints.engine_cli_args import engine_args_from_namespace  # noqa: E402
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
 GRAMMAR = StructuredOutputsParams(json={"type": "array", "items": {"type": "string"}})
@@ -100,13 +97,7 @@ def workload(llm, dataset: str, limit: int | None, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_engine_args(parser)
-    parser.add_argument(
-        "--dataset", default=os.path.join(REPO_ROOT, "..", "shared", "peers", "workload.jsonl")
-    )
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = workload_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-workload", action="store_true")
     ns = parser.parse_args()

@@ -1,6 +1,7 @@
 """pagedllm: a paged-KV-cache LLM inference and serving engine."""
 
 from pagedllm.config import EngineArgs
+from pagedllm.lora import LoRARequest
 from pagedllm.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -19,6 +20,7 @@ __all__ = [
     "SamplingParams",
     "StructuredOutputsParams",
     "PoolingParams",
+    "LoRARequest",
     "EmbeddingRequestOutput",
     "EmbeddingOutput",
     "RequestOutput",

@@ -65,6 +65,11 @@ class EngineArgs:
     # vLLM's --pooler-config: {"pooling_type": MEAN|CLS|LAST, "normalize": bool}, over what
     # the model's sentence-transformers files (modules.json) say.
     pooler_config: dict | str | None = None
+    # Multi-LoRA: adapters (peft format) selected per request; at most max_loras different
+    # ones run in one step, each of rank <= max_lora_rank.
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         SpeculativeConfig.parse(self.speculative_config)  # raises on a bad value
@@ -90,6 +95,8 @@ class EngineArgs:
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("block_size", self.block_size)
         _check_positive("tensor_parallel_size", self.tensor_parallel_size)
+        _check_positive("max_loras", self.max_loras)
+        _check_positive("max_lora_rank", self.max_lora_rank)
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None:
@@ -190,6 +197,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    max_loras: int | None = None  # different LoRA adapters in one step (None: no LoRA)
 
     def __post_init__(self) -> None:
         _check_positive("max_num_seqs", self.max_num_seqs)

@@ -1,4 +1,5 @@
-"""Every environment variable pagedllm reads, in one place (all prefixed ``PAGEDLLM_``)."""
+"""Every environment variable pagedllm reads, in one place (prefixed ``PAGEDLLM_``, or vLLM's
+name where users already set it)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,8 @@ def worker_start_timeout() -> float:
 def dist_timeout() -> float:
     """Seconds a torch.distributed collective may wait for a peer before it fails."""
     return float(os.environ.get("PAGEDLLM_DIST_TIMEOUT", "120"))
+
+
+def allow_runtime_lora_updating() -> bool:
+    """vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING: serve the LoRA load/unload routes."""
+    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true")

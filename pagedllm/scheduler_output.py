@@ -31,6 +31,7 @@ class NewRequestData:
     num_computed_tokens: int  # tokens already in the KV cache (a prefix-cache hit)
     # A pooling request: the step that ends its prompt pools it instead of sampling.
     pooling_params: PoolingParams | None = None
+    lora_id: int | None = None  # the LoRA adapter it runs with (None: the base model)
 
 
 @dataclass

@@ -207,3 +207,31 @@ def get_backend(name: str, dtype: torch.dtype = torch.float32):
 def native_isa_names() -> list[str]:
     """The native ISAs this machine builds and runs (avx2 on any x86-64-v3 CPU)."""
     return [name for name in backend_names() if name != "torch"]
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_lora_adapter(base_model, out_dir, seed: int, rank: int = 8, std: float = 0.3, **config):
+    """A peft LoRA adapter on (a copy of) ``base_model`` with random, non-zero B (peft starts
+    B at zero, which would change nothing), saved to ``out_dir``; -> peft's merged model (the
+    reference: the base weights plus scale * B @ A)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=config.pop("lora_alpha", 2 * rank),
+        target_modules=config.pop("target_modules", LORA_TARGETS),
+        lora_dropout=0.0,
+        **config,
+    )
+    peft_model = get_peft_model(copy.deepcopy(base_model), lora_config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std)
+    peft_model.save_pretrained(str(out_dir))
+    return peft_model.merge_and_unload().eval()

@@ -32,6 +32,7 @@ from pagedllm.engine.request_stream import RequestStream
 from pagedllm.engine.scheduler import SchedulerStats
 from pagedllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger
 from pagedllm.executor import WorkerDiedError
+from pagedllm.lora import LoRARequest
 from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -78,10 +79,20 @@ class EngineInfo:
 class _Add:
     request_id: str
     prompt: PromptType
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     arrival_time: float
     stream: RequestStream
     group_id: str | None = None
+    lora_request: LoRARequest | None = None
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread between steps; its result (or exception) goes
+    to ``done`` on the event loop."""
+
+    fn: Callable[[LLMEngine], Any]
+    done: Callable[[Any, BaseException | None], None]
 
 
 @dataclass
@@ -101,7 +112,7 @@ class _WorkerLost:
     reason: str
 
 
-_Command = _Add | _Abort | _Stop | _WorkerLost
+_Command = _Add | _Abort | _Stop | _WorkerLost | _Call
 
 
 class AsyncLLM:
@@ -179,6 +190,7 @@ class AsyncLLM:
         params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         group_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Queue a request and wait until the engine accepted it. Raises ValueError for bad input
         (nothing is queued then), EngineNotReadyError / EngineDeadError if it cannot serve.
@@ -192,13 +204,31 @@ class AsyncLLM:
             raise
         stream = RequestStream(request_id, self.abort, on_start=self.admission.started)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._queue.put(_Add(request_id, prompt, params, arrival, stream, group_id))
+        self._queue.put(_Add(request_id, prompt, params, arrival, stream, group_id, lora_request))
         try:
             await stream.accepted
         except BaseException:
             stream.abort()  # no-op if it was rejected; aborts it if we were cancelled meanwhile
             raise
         return stream
+
+    async def call_engine(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between two steps (e.g. load or unload a
+        LoRA adapter) and return its result; its exception is raised here."""
+        self._check_alive()
+        assert self._loop is not None
+        future = self._loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self._queue.put(_Call(fn, done))
+        return await future
 
     async def compile_structured_output(self, params: StructuredOutputsParams) -> None:
         """Compile a request's grammar on a worker thread and cache it, so that add_request
@@ -336,6 +366,12 @@ class AsyncLLM:
             elif isinstance(cmd, _Add):
                 error = self._apply_add(engine, cmd, tracker)
                 deliveries.append((cmd.stream.put_accepted, error))
+            elif isinstance(cmd, _Call):
+                try:
+                    outcome: tuple[Any, BaseException | None] = (cmd.fn(engine), None)
+                except Exception as exc:
+                    outcome = (None, exc)
+                deliveries.append((lambda o, done=cmd.done: done(*o), outcome))
             else:
                 ids = list(self._streams) if cmd.all else cmd.request_ids
                 aborted = engine.abort_request(ids)
@@ -369,7 +405,12 @@ class AsyncLLM:
     ) -> BaseException | None:
         try:
             engine.add_request(
-                cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time, cmd.group_id
+                cmd.request_id,
+                cmd.prompt,
+                cmd.params,
+                cmd.arrival_time,
+                cmd.group_id,
+                lora_request=cmd.lora_request,
             )
         except ValueError as exc:
             return exc
@@ -398,6 +439,9 @@ class AsyncLLM:
                 return
             if isinstance(cmd, _Add):
                 self._deliver([(cmd.stream.put_error, EngineDeadError(str(self.error)))])
+            elif isinstance(cmd, _Call):
+                dead = EngineDeadError(str(self.error))
+                self._deliver([(lambda e, done=cmd.done: done(None, e), dead)])
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc

@@ -132,7 +132,7 @@ class KVCacheManager:
         bs = self.block_size
         tokens = request.all_token_ids
         for i in range(len(keys), len(tokens) // bs):
-            parent = keys[i - 1].block_hash if i > 0 else None
+            parent = keys[i - 1].block_hash if i > 0 else request.cache_salt
             block_tokens = tuple(tokens[i * bs : (i + 1) * bs])
             keys.append(BlockKey(hash_block(parent, block_tokens), block_tokens))
         return keys

@@ -6,6 +6,8 @@ output processor; the offline ``LLM`` class and the async server wrapper both dr
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import time
 from typing import Any
@@ -30,6 +32,7 @@ from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.scheduler import Scheduler, SchedulerStats
 from pagedllm.engine.structured_output import StructuredOutputManager
 from pagedllm.executor import create_executor
+from pagedllm.lora import LoRARequest, read_peft_config
 from pagedllm.model_executor.loader import (
     load_hf_config,
     load_tokenizer,
@@ -75,6 +78,8 @@ class LLMEngine:
                 list(arch.matryoshka_dimensions) if arch.matryoshka_dimensions else None
             ),
         )
+        if args.enable_lora:
+            _check_lora_support(self.task.runner_type, get_model_class(arch))
         if args.tensor_parallel_size > 1:  # before any worker starts
             get_model_class(arch).check_tensor_parallel(arch, args.tensor_parallel_size)
         binds = envs.cpu_threads_bind()
@@ -96,7 +101,11 @@ class LLMEngine:
             cpu_binds=binds,
             dist_timeout_s=envs.dist_timeout(),
             pooler_config=self.task.pooler_config,
+            max_lora_rank=args.max_lora_rank if args.enable_lora else None,
         )
+        # Loaded LoRA adapters: id -> (request, prefix-cache salt of this load).
+        self.loras: dict[int, tuple[LoRARequest, bytes]] = {}
+        self._lora_loads = itertools.count()
         self.executor = create_executor(
             worker_config, args.distributed_executor_backend, args.ray_address
         )
@@ -130,6 +139,7 @@ class LLMEngine:
             max_num_batched_tokens=max_batched,
             max_model_len=max_model_len,
             enable_chunked_prefill=chunked,
+            max_loras=args.max_loras if args.enable_lora else None,
         )
         if self.task.is_encoder:
             self.executor.collective_rpc("allocate_kv_cache", 0, args.block_size)
@@ -232,12 +242,15 @@ class LLMEngine:
         params: SamplingParams | PoolingParams | None = None,
         arrival_time: float | None = None,
         group_id: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and queue a request; raises ValueError (and changes nothing) on bad input.
         Its n samples, and requests given the same ``group_id``, take turns as one group.
-        A pooling engine takes PoolingParams (embeddings), a generating one SamplingParams."""
+        A pooling engine takes PoolingParams (embeddings), a generating one SamplingParams.
+        ``lora_request``: run it with that LoRA adapter (loaded on first use)."""
         if self.output_processor.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
+        lora_id, salt = self._use_lora(lora_request)
         if self.is_pooling:
             self._add_pooling_request(request_id, prompt, params, arrival_time, group_id)
             return
@@ -264,7 +277,14 @@ class LLMEngine:
             if params.structured_outputs is not None:
                 grammar = self.structured_output.new_matcher(params.structured_outputs)
             req = Request(
-                child_id, prompt_ids, child_params, arrival_time, group_id or request_id, grammar
+                child_id,
+                prompt_ids,
+                child_params,
+                arrival_time,
+                group_id or request_id,
+                grammar,
+                lora_id=lora_id,
+                cache_salt=salt,
             )
             requests.append(req)
             samples[child_id] = SampleState(
@@ -311,6 +331,53 @@ class LLMEngine:
         )
         self.scheduler.add_request(request)
         self.output_processor.add_pooling_request(request_id, prompt_text, prompt_ids)
+
+    # ---- LoRA adapters ---------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter on every rank (ValueError naming the problem for a bad one). Its
+        KV is cached apart from the base model's and every other adapter's."""
+        if not self.args.enable_lora:
+            raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
+        loaded = self.loras.get(lora_request.lora_int_id)
+        if loaded is not None:
+            if loaded[0] != lora_request:
+                raise ValueError(
+                    f"lora_int_id {lora_request.lora_int_id} is already in use by adapter "
+                    f"{loaded[0].lora_name!r} ({loaded[0].lora_path})"
+                )
+            return
+        read_peft_config(lora_request.lora_path, self.args.max_lora_rank)  # fails fast
+        errors = self.executor.collective_rpc("add_lora", lora_request, all_ranks=True)
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            self.executor.collective_rpc("remove_lora", lora_request.lora_int_id)
+            raise ValueError(error)
+        key = f"lora:{lora_request.lora_int_id}:{next(self._lora_loads)}"
+        self.loras[lora_request.lora_int_id] = (
+            lora_request,
+            hashlib.blake2b(key.encode(), digest_size=16).digest(),
+        )
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter; ValueError while requests still run with it."""
+        if lora_id not in self.loras:
+            return False
+        if any(r.lora_id == lora_id for r in self.scheduler.requests.values()):
+            raise ValueError(f"LoRA adapter {self.loras[lora_id][0].lora_name!r} is in use")
+        self.executor.collective_rpc("remove_lora", lora_id)
+        del self.loras[lora_id]
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.loras)
+
+    def _use_lora(self, lora_request: LoRARequest | None) -> tuple[int | None, bytes | None]:
+        if lora_request is None:
+            return None, None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError("lora_request must be a LoRARequest")
+        self.add_lora(lora_request)
+        return lora_request.lora_int_id, self.loras[lora_request.lora_int_id][1]
 
     def _check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is None:
@@ -438,6 +505,13 @@ class LLMEngine:
                 f"KV cache budget of {budget} bytes holds no block of {per_block} bytes"
             )
         return num_blocks
+
+
+def _check_lora_support(runner_type: str, model_cls: type) -> None:
+    if runner_type != "generate":
+        raise ValueError("LoRA adapters are served on generative models only (--runner generate)")
+    if getattr(model_cls, "packed_modules_mapping", None) is None:
+        raise ValueError(f"{model_cls.__name__} does not support LoRA adapters")
 
 
 def _describe_dims(dims: list[int]) -> str:

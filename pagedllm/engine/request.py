@@ -53,9 +53,13 @@ class Request:
         group_id: str | None = None,
         grammar: GrammarMatcher | None = None,
         pooling_params: PoolingParams | None = None,
+        lora_id: int | None = None,
+        cache_salt: bytes | None = None,
     ) -> None:
         """``pooling_params``: a pooling (embedding) request, which finishes with the step
-        that computes the end of its prompt; its sampling_params only bound its length."""
+        that computes the end of its prompt; its sampling_params only bound its length.
+        ``lora_id``: the LoRA adapter it runs with; ``cache_salt`` seeds its prefix-cache
+        hashes (one per loaded adapter, so two adapters never share KV)."""
         self.req_id = req_id
         # The API call it came from (its prompts x n samples); admission is fair between groups.
         self.group_id = req_id if group_id is None else group_id
@@ -77,6 +81,8 @@ class Request:
         # of n samples), advanced by every token it generates.
         self.grammar = grammar
         self.pooling_params = pooling_params
+        self.lora_id = lora_id
+        self.cache_salt = cache_salt
         # How many of its tokens and blocks the step messages have carried to the model runner
         # (it keeps them between steps; see scheduler_output.py).
         self.num_tokens_sent = 0

@@ -147,10 +147,11 @@ class Scheduler:
         # 2. Admit waiting requests (fair between groups, see WaitingQueue) while seats, budget
         # and blocks allow.
         seats = Counter(r.group_id for r in self.running)
+        loras = {r.lora_id for r in self.running if r.lora_id is not None}
         while not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            request = self.waiting.peek(seats)
+            request = self.waiting.peek(seats, self._lora_fits(loras))
             if request is None:
                 break
             hit_blocks, num_hit = [], 0
@@ -165,6 +166,8 @@ class Scheduler:
                 break
             self.waiting.remove(request)
             seats[request.group_id] += 1
+            if request.lora_id is not None:
+                loras.add(request.lora_id)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens is None:
@@ -293,6 +296,7 @@ class Scheduler:
                 block_ids=list(block_ids),
                 num_computed_tokens=request.num_computed_tokens,
                 pooling_params=request.pooling_params,
+                lora_id=request.lora_id,
             )
         )
         request.num_tokens_sent, request.num_blocks_sent = request.num_tokens, len(block_ids)
@@ -308,6 +312,13 @@ class Scheduler:
             out.num_decodes += 1
         else:
             out.num_prefill_tokens += num_new
+
+    def _lora_fits(self, loras: set[int]):
+        """Admission filter: at most max_loras different adapters run in one step."""
+        limit = self.config.max_loras
+        if limit is None:
+            return None
+        return lambda r: r.lora_id is None or r.lora_id in loras or len(loras) < limit
 
     def _grammar_bitmasks(self, out: SchedulerOutput) -> None:
         """The masks of the constrained requests that sample this step (their last prompt

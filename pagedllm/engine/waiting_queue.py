@@ -11,6 +11,7 @@ API's) are admitted first come, first served, as before.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 
 from pagedllm.engine.request import Request
 
@@ -51,13 +52,18 @@ class WaitingQueue:
         if not queue:
             del self._groups[request.group_id]
 
-    def peek(self, seats: Counter[str]) -> Request | None:
+    def peek(
+        self, seats: Counter[str], admissible: Callable[[Request], bool] | None = None
+    ) -> Request | None:
         """The request to admit next, given the seats each group holds; None if every waiting
-        group is at its seat limit."""
+        group is at its seat limit. ``admissible``: groups whose head it refuses wait (a LoRA
+        adapter beyond the step's limit); the others go ahead of them."""
         best, best_seats = None, None
         for group_id, queue in self._groups.items():
             held = seats.get(group_id, 0)
             if held >= self.max_seats_per_group:
+                continue
+            if admissible is not None and not admissible(queue[0]):
                 continue
             if best_seats is None or held < best_seats:
                 best, best_seats = queue[0], held

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from pagedllm.config import EngineArgs
 from pagedllm.engine.llm_engine import LLMEngine, PromptType
 from pagedllm.entrypoints.chat_templates import tool_template
+from pagedllm.lora import LoRARequest
 from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
@@ -47,13 +48,16 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """``lora_request``: a LoRA adapter for every prompt, or one (or None: the base model)
+        per prompt; the engine needs enable_lora=True."""
         if self.engine.is_pooling:
             raise ValueError(
                 "this model runs as a pooling (embedding) model: use LLM.embed, or load a "
                 "generative model for generate/chat"
             )
-        return self._submit(prompts, sampling_params or SamplingParams(), use_tqdm)
+        return self._submit(prompts, sampling_params or SamplingParams(), use_tqdm, lora_request)
 
     def embed(
         self,
@@ -79,7 +83,7 @@ class LLM:
                 pooling_params = [dataclasses.replace(p, **cut) for p in pooling_params]
         return self._submit(prompts, pooling_params, use_tqdm)
 
-    def _submit(self, prompts, params, use_tqdm: bool) -> list:
+    def _submit(self, prompts, params, use_tqdm: bool, lora_request=None) -> list:
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -91,13 +95,14 @@ class LLM:
             params_list = list(params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} params for {len(prompts)} prompts")
+        loras = _per_prompt(lora_request, len(prompts))
         # Validate everything before queueing anything, so one bad prompt rejects the call
         # without leaving half of it in the engine.
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras):
                 request_id = str(next(self._counter))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, lora_request=lora)
                 request_ids.append(request_id)
         except ValueError:
             self.engine.abort_request(request_ids)
@@ -112,6 +117,7 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """``tools``: OpenAI-style tool dicts rendered into the prompt (vLLM's LLM.chat)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -122,7 +128,7 @@ class LLM:
                 for c in conversations
             )
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def apply_chat_template(
         self,
@@ -153,6 +159,15 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _per_prompt(lora_request, num_prompts: int) -> list:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * num_prompts
+    loras = list(lora_request)
+    if len(loras) != num_prompts:
+        raise ValueError(f"got {len(loras)} lora_requests for {num_prompts} prompts")
+    return loras
 
 
 def apply_chat_template(

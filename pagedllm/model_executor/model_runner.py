@@ -19,6 +19,7 @@ from pagedllm.model_executor.layers.linear import (
     quantize_linear_weights_int8,
 )
 from pagedllm.model_executor.layers.pooler import Pooler
+from pagedllm.model_executor.lora import LoRAManager
 from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
@@ -44,12 +45,14 @@ class ModelRunner:
         backend: Backend | None = None,
         tp: TensorParallelGroup | None = None,
         pooler_config: PoolerConfig | None = None,
+        max_lora_rank: int | None = None,
     ) -> None:
         """``backend``: the kernels to run on; by default the selector's choice for this
         device, dtype and CPU (PAGEDLLM_CPU_ISA), made here once. ``tp``: the tensor-parallel
         rank this runner is (its shard of the weights and of the KV cache's heads); rank 0
         samples, the others only take part in the forward pass. ``pooler_config``: a pooling
-        runner, which returns each finished prompt's embedding instead of sampling."""
+        runner, which returns each finished prompt's embedding instead of sampling.
+        ``max_lora_rank``: serve LoRA adapters up to that rank (None: no LoRA)."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
@@ -74,6 +77,11 @@ class ModelRunner:
         # An encoder keeps no KV cache: each step is whole prompts, attending both ways.
         self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)
         self.pooler = Pooler(pooler_config) if pooler_config is not None else None
+        self.lora = None
+        if max_lora_rank is not None:
+            self.lora = LoRAManager(
+                self.model, self.tp, self.dtype, device, max_lora_rank, self.backend.kernels
+            )
         self.num_kv_heads = self.model.num_kv_heads  # this rank's
         self.backend.bind(self.model)
         self.sampler = Sampler(self.backend.kernels)
@@ -169,6 +177,14 @@ class ModelRunner:
             int8_cache=self.kv_int8,
             pad=self.pad_rows,
         )
+        if self.lora is not None:
+            lens = np.fromiter((s.num_tokens for s in inputs.requests), dtype=np.int64)
+            self.lora.set_step(
+                [s.state.lora_id for s in inputs.requests],
+                np.cumsum(lens) - lens,
+                lens,
+                inputs.input_ids.shape[0],
+            )
         return inputs, self.model(inputs.input_ids, inputs.positions, inputs.attn)
 
     def _forward_sampled(

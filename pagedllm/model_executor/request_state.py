@@ -25,6 +25,7 @@ class CachedRequestState:
     num_blocks: int
     num_computed_tokens: int
     pooling_params: PoolingParams | None = None
+    lora_id: int | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -129,6 +130,7 @@ class RequestStates:
                 num_blocks=len(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 pooling_params=new.pooling_params,
+                lora_id=new.lora_id,
             )
         for cached in out.cached_requests:
             state = self.states[cached.req_id]

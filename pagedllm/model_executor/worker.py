@@ -38,6 +38,7 @@ class WorkerConfig:
     cpu_binds: tuple[tuple[int, ...], ...] | None = None
     dist_timeout_s: float = 120.0
     pooler_config: PoolerConfig | None = None  # a pooling runner (embeddings)
+    max_lora_rank: int | None = None  # LoRA adapters enabled (--enable-lora)
 
 
 class Worker:
@@ -62,6 +63,7 @@ class Worker:
             block_size=config.block_size,
             tp=self.tp,
             pooler_config=config.pooler_config,
+            max_lora_rank=config.max_lora_rank,
         )
         self.runner.load_weights(iter_weights(source))
 
@@ -87,6 +89,20 @@ class Worker:
 
     def forward_logits(self, scheduler_output, all_positions: bool = False):
         return self.runner.forward_logits(scheduler_output, all_positions)
+
+    def add_lora(self, request) -> str | None:
+        """Load a LoRA adapter; -> None, or why it cannot be (returned, not raised: a worker
+        rank raising would leave its call loop)."""
+        assert self.runner.lora is not None, "LoRA is not enabled"
+        try:
+            self.runner.lora.add(request)
+        except (ValueError, OSError) as err:
+            return str(err)
+        return None
+
+    def remove_lora(self, lora_id: int) -> bool:
+        assert self.runner.lora is not None, "LoRA is not enabled"
+        return self.runner.lora.remove(lora_id)
 
     def num_request_states(self) -> int:
         """Requests whose state this rank still keeps (0 once all finished: no leak)."""

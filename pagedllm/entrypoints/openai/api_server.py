@@ -35,6 +35,7 @@ from pagedllm.entrypoints.openai.launcher import (
     bind_socket,
     socket_url,
 )
+from pagedllm.entrypoints.openai.lora_modules import LoRAModules
 from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
 from pagedllm.entrypoints.openai.middleware import (
     APIKeyAuth,
@@ -48,12 +49,14 @@ from pagedllm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     PoolingRequest,
     ScoreRequest,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from pagedllm.entrypoints.openai.read_timeouts import BodyReadTimeout, header_timeout_protocol
 from pagedllm.entrypoints.openai.serving import CLIENT_TIMEOUT_HEADER, cancel_on_disconnect
@@ -91,25 +94,82 @@ async def metrics(raw_request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def _model_card(raw_request: Request) -> ModelCard:
+def _model_cards(raw_request: Request) -> list[ModelCard]:
+    """The base model, then its LoRA adapters (parent: the base model), as vLLM lists them."""
     state = raw_request.app.state
     info = state.engine.info
-    return ModelCard(
-        id=state.config.served_model_name, root=info.model, max_model_len=info.max_model_len
-    )
+    base = state.config.served_model_name
+    cards = [ModelCard(id=base, root=info.model, max_model_len=info.max_model_len)]
+    for lora in list(state.lora_modules.requests.values()):
+        cards.append(
+            ModelCard(
+                id=lora.lora_name,
+                root=lora.lora_path,
+                parent=base,
+                max_model_len=info.max_model_len,
+            )
+        )
+    return cards
 
 
 async def list_models(raw_request: Request) -> JSONResponse:
-    return JSONResponse(ModelList(data=[_model_card(raw_request)]).model_dump())
+    return JSONResponse(ModelList(data=_model_cards(raw_request)).model_dump())
 
 
 async def retrieve_model(model_id: str, raw_request: Request) -> JSONResponse:
-    card = _model_card(raw_request)
-    if model_id != card.id:
+    for card in _model_cards(raw_request):
+        if card.id == model_id:
+            return JSONResponse(card.model_dump())
+    raise OpenAIError(
+        f"the model `{model_id}` does not exist", 404, param="model", code="model_not_found"
+    )
+
+
+def _check_runtime_lora(raw_request: Request) -> LoRAModules:
+    state = raw_request.app.state
+    if not state.config.allow_runtime_lora_updating:
         raise OpenAIError(
-            f"the model `{model_id}` does not exist", 404, param="model", code="model_not_found"
+            "loading and unloading LoRA adapters at runtime is off: start the server with "
+            "--enable-lora --allow-runtime-lora-updating (or VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)",
+            404,
+            code="not_found",
         )
-    return JSONResponse(card.model_dump())
+    return state.lora_modules
+
+
+async def load_lora_adapter(request: LoadLoRAAdapterRequest, raw_request: Request) -> Response:
+    """Check and load the adapter on the engine now (a bad one is a 400 here, not later)."""
+    modules = _check_runtime_lora(raw_request)
+    engine: AsyncLLM = raw_request.app.state.engine
+    try:
+        lora = modules.add(request.lora_name, request.lora_path)
+    except ValueError as err:
+        param = "lora_name" if str(err).startswith("the model name") else "lora_path"
+        raise OpenAIError(str(err), param=param) from None
+    try:
+        await engine.call_engine(lambda eng: eng.add_lora(lora))
+    except BaseException:
+        modules.remove(request.lora_name)
+        raise
+    return JSONResponse(
+        {"message": f"Success: LoRA adapter '{request.lora_name}' added successfully."}
+    )
+
+
+async def unload_lora_adapter(request: UnloadLoRAAdapterRequest, raw_request: Request) -> Response:
+    """Unload an adapter no request is running with (400 while one is)."""
+    modules = _check_runtime_lora(raw_request)
+    engine: AsyncLLM = raw_request.app.state.engine
+    lora = modules.get(request.lora_name)
+    if lora is None:
+        raise OpenAIError(
+            f"no LoRA adapter named {request.lora_name!r} is loaded", param="lora_name"
+        )
+    await engine.call_engine(lambda eng: eng.remove_lora(lora.lora_int_id))
+    modules.remove(request.lora_name)
+    return JSONResponse(
+        {"message": f"Success: LoRA adapter '{request.lora_name}' removed successfully."}
+    )
 
 
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
@@ -191,6 +251,8 @@ def build_router() -> APIRouter:
     router.add_api_route("/pooling", create_pooling, methods=["POST"])
     router.add_api_route("/score", create_score, methods=["POST"])
     router.add_api_route("/v1/score", create_score, methods=["POST"])
+    router.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"])
+    router.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])
     router.add_api_route("/tokenize", tokenize, methods=["POST"])
     router.add_api_route("/detokenize", detokenize, methods=["POST"])
     return router
@@ -224,12 +286,16 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
     app.state.server = state
     app.state.stat_logger = stat_logger
     app.state.tokenizer = tokenizer
+    app.state.lora_modules = LoRAModules(
+        config.lora_modules, config.served_model_name, engine.args.max_lora_rank
+    )
     servings = (
         engine,
         tokenizer,
         config.served_model_name,
         config.max_seqs_per_request,
         config.request_timeout,
+        app.state.lora_modules,
     )
     app.state.completion = OpenAIServingCompletion(*servings)
     app.state.chat = OpenAIServingChat(*servings, tool_call_parser=config.tool_call_parser)

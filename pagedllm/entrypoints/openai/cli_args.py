@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pagedllm import envs
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.engine_cli_args import add_engine_args, engine_args_from_namespace
+from pagedllm.entrypoints.openai.lora_modules import parse_lora_module
 from pagedllm.entrypoints.openai.serving import DEFAULT_MAX_SEQS_PER_REQUEST
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSER_CHOICES
+from pagedllm.lora import read_peft_config
 from pagedllm.model_executor.loader import DEFAULT_MODEL_NAME
 
 DEFAULT_HOST = "127.0.0.1"
@@ -42,6 +44,9 @@ class ServerConfig:
     tool_call_parser: str = "auto"
     max_waiting_requests: int | None = None  # None: sized from max_num_seqs and the KV cache
     request_timeout: float | None = None  # seconds; None: no server-side deadline
+    # LoRA adapters served as models of their own: (name, peft adapter directory).
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -207,6 +212,21 @@ def make_arg_parser() -> argparse.ArgumentParser:
         "or to the one that cached its prompt's prefix (see docs/distributed.md) "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters (peft directories) to serve, each under its own model name: "
+        'name=path, or vLLM\'s JSON \'{"name": ..., "path": ...}\'; needs --enable-lora',
+    )
+    parser.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        default=envs.allow_runtime_lora_updating(),
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: env "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING, else off)",
+    )
     engine = parser.add_argument_group("engine", "engine options (EngineArgs fields)")
     add_engine_args(engine)  # type: ignore[arg-type]
     return parser
@@ -228,6 +248,11 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
     if ns.max_num_batched_tokens is None and ns.enable_chunked_prefill:
         ns.max_num_batched_tokens = SERVE_MAX_NUM_BATCHED_TOKENS
     engine_args = engine_args_from_namespace(ns)
+    lora_modules = tuple(parse_lora_module(v) for v in ns.lora_modules)
+    if (lora_modules or ns.allow_runtime_lora_updating) and not engine_args.enable_lora:
+        raise ValueError("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+    for _, path in lora_modules:  # a bad adapter stops the start, not its first request
+        read_peft_config(path, engine_args.max_lora_rank)
     server = ServerConfig(
         served_model_name=ns.served_model_name or ns.model or DEFAULT_MODEL_NAME,
         host=ns.host,
@@ -248,6 +273,8 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         tool_call_parser=ns.tool_call_parser,
         max_waiting_requests=ns.max_waiting_requests,
         request_timeout=ns.request_timeout,
+        lora_modules=lora_modules,
+        allow_runtime_lora_updating=ns.allow_runtime_lora_updating,
     )
     return server, engine_args
 

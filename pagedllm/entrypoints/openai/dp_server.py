@@ -2,10 +2,11 @@
 
 Each replica is an ordinary ``pagedllm serve`` process (same flags, its own engine and KV
 cache, listening on loopback on a free port, pinned to its share of the cores). The front end
-is an HTTP proxy: it routes each completion or chat request with DataParallelRouter (the
-replica that cached the prompt's prefix, else the least-loaded), relays the answer byte for
-byte (streams included), answers /health for all replicas and merges their /metrics under a
-``replica`` label. A replica that exits makes /health fail and the front end exit 1 after
+is an HTTP proxy: it routes each completion, chat or embeddings request with
+DataParallelRouter (the replica that cached the prompt's prefix, else the least-loaded),
+relays the answer byte for byte (streams included), sends LoRA adapter loads and unloads to
+every replica, answers /health for all replicas and merges their /metrics under a ``replica``
+label. A replica that exits makes /health fail and the front end exit 1 after
 REPLICA_LOST_EXIT_DELAY_S, as a lost tensor-parallel worker does."""
 
 from __future__ import annotations
@@ -267,6 +268,29 @@ def build_dp_app(config: ServerConfig, replicas: ReplicaSet) -> FastAPI:
         index = router.route(text)
         return await forward(request, index, request.url.path, routed=True)
 
+    async def every_replica(request: Request) -> Response:
+        """A change every replica must make (a LoRA adapter loaded or unloaded): sent to each
+        in turn; the first refusal is the answer (a name is checked alike everywhere, so a
+        refusal comes from the first replica, before any has changed)."""
+        if (problem := unavailable()) is not None:
+            return problem
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED_HEADERS}
+        answer = None
+        for replica in replicas.replicas:
+            try:
+                answer = await state["client"].post(
+                    replica.url + request.url.path, content=body, headers=headers, timeout=300
+                )
+            except httpx.TransportError as exc:
+                return error_response(
+                    f"an engine replica is unreachable: {exc}", 503, code="replica_unavailable"
+                )
+            if answer.status_code != 200:
+                break
+        assert answer is not None
+        return Response(answer.content, answer.status_code, media_type="application/json")
+
     async def first_replica(request: Request) -> Response:
         if (problem := unavailable()) is not None:
             return problem
@@ -311,8 +335,11 @@ def build_dp_app(config: ServerConfig, replicas: ReplicaSet) -> FastAPI:
         lines += router_metrics(router)
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    routed = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/pooling", "/score")
+    for path in (*routed, "/v1/score"):
         app.add_api_route(path, generate, methods=["POST"])
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        app.add_api_route(path, every_replica, methods=["POST"])
     for path in ("/tokenize", "/detokenize"):
         app.add_api_route(path, first_replica, methods=["POST"])
     for path in ("/v1/models", "/v1/models/{model_id:path}", "/version"):

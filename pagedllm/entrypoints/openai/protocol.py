@@ -409,3 +409,14 @@ class ScoreResponse(ResponseModel):
     model: str
     data: list[ScoreData]
     usage: UsageInfo
+
+
+# ---- LoRA adapters at runtime (--allow-runtime-lora-updating) --------------------------------
+class LoadLoRAAdapterRequest(RequestModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    lora_name: str
+    lora_int_id: int | None = None  # accepted, as vLLM's; the name decides

@@ -25,8 +25,10 @@ from pagedllm.entrypoints.openai.errors import (
     error_body,
     to_openai_error,
 )
+from pagedllm.entrypoints.openai.lora_modules import LoRAModules
 from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
+from pagedllm.lora import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -73,12 +75,14 @@ class OpenAIServing:
         served_model_name: str,
         max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
         request_timeout: float | None = None,
+        lora_modules: LoRAModules | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_model_name = served_model_name
         self.max_seqs_per_request = max_seqs_per_request
         self.request_timeout = request_timeout
+        self.lora_modules = lora_modules
         self._warned_ignored: set[str] = set()
 
     def warn_ignored_fields(self, req: SamplingRequest) -> None:
@@ -98,15 +102,28 @@ class OpenAIServing:
             pass
         return request_deadline(min(timeouts)) if timeouts else None
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
-            raise OpenAIError(
-                f"the model `{model}` does not exist; this server serves "
-                f"`{self.served_model_name}`",
-                400,
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter ``model`` names (None: the base model); 400 for another name."""
+        if model is None or model == self.served_model_name:
+            return None
+        lora = self.lora_modules.get(model) if self.lora_modules is not None else None
+        if lora is not None:
+            return lora
+        names = [self.served_model_name]
+        if self.lora_modules is not None:
+            names += list(self.lora_modules.requests)
+        raise OpenAIError(
+            f"the model `{model}` does not exist; this server serves "
+            f"{', '.join(f'`{n}`' for n in names)}",
+            400,
+            param="model",
+            code="model_not_found",
+        )
+
+    @staticmethod
+    def response_model(served_name: str, lora: LoRARequest | None) -> str:
+        """The ``model`` a response names: the adapter's name for a LoRA request."""
+        return lora.lora_name if lora is not None else served_name
 
     def check_pooling_model(self) -> None:
         """400 for an embeddings route on a server that generates text."""
@@ -264,16 +281,23 @@ class OpenAIServing:
             raise
 
     async def add_prompts(
-        self, request_id: str, prompts: list[PromptInput], params: list[SamplingParams]
+        self,
+        request_id: str,
+        prompts: list[PromptInput],
+        params: list[SamplingParams],
+        lora_request: LoRARequest | None = None,
     ) -> list[RequestStream]:
         """Add every prompt (concurrently: one engine round trip); all or nothing."""
-        return await self.add_requests(request_id, [p.engine_prompt() for p in prompts], params)
+        return await self.add_requests(
+            request_id, [p.engine_prompt() for p in prompts], params, lora_request
+        )
 
     async def add_requests(
         self,
         request_id: str,
         prompts: list[PromptType],
         params: list[SamplingParams] | list[PoolingParams],
+        lora_request: LoRARequest | None = None,
     ) -> list[RequestStream]:
         """Add engine requests ``{request_id}-{i}`` as one group, all or nothing."""
         ids = [
@@ -281,7 +305,7 @@ class OpenAIServing:
         ]
         results = await asyncio.gather(
             *(
-                self.engine.add_request(rid, p, sp, group_id=request_id)
+                self.engine.add_request(rid, p, sp, group_id=request_id, lora_request=lora_request)
                 for rid, p, sp in zip(ids, prompts, params, strict=True)
             ),
             return_exceptions=True,

@@ -123,7 +123,8 @@ class OpenAIServingChat(OpenAIServing):
         self.tool_call_parser = tool_call_parser
 
     async def create(self, req: ChatCompletionRequest, deadline: float | None = None) -> Response:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
+        model = self.response_model(self.served_model_name, lora)
         self.check_generate_model()
         num_top = self._check(req)
         plan = tool_plan(req)
@@ -151,13 +152,13 @@ class OpenAIServingChat(OpenAIServing):
         parser = parser_for(plan, self._server_tool_parser() if plan.mode == "auto" else None)
         params = self.params_for_prompt(base, max_tokens, len(ids))
         request_id = random_id("chatcmpl")
-        [stream] = await self.add_prompts(request_id, [PromptInput(text, ids)], [params])
+        [stream] = await self.add_prompts(request_id, [PromptInput(text, ids)], [params], lora)
         created = int(time.time())
         if req.stream:
             return SSEResponse(
-                self._stream(req, request_id, created, stream, num_top, parser, deadline)
+                self._stream(req, request_id, model, created, stream, num_top, parser, deadline)
             )
-        return await self._full(request_id, created, stream, num_top, parser, deadline)
+        return await self._full(request_id, model, created, stream, num_top, parser, deadline)
 
     def _server_tool_parser(self) -> ToolParser:
         template = self.tokenizer.template
@@ -183,6 +184,7 @@ class OpenAIServingChat(OpenAIServing):
     async def _full(
         self,
         request_id: str,
+        model: str,
         created: int,
         stream: RequestStream,
         num_top: int | None,
@@ -219,7 +221,7 @@ class OpenAIServingChat(OpenAIServing):
         response = ChatCompletionResponse(
             id=request_id,
             created=created,
-            model=self.served_model_name,
+            model=model,
             choices=choices,
             usage=make_usage(len(final.prompt_token_ids), num_completion),
         )
@@ -229,6 +231,7 @@ class OpenAIServingChat(OpenAIServing):
         self,
         req: ChatCompletionRequest,
         request_id: str,
+        model: str,
         created: int,
         stream: RequestStream,
         num_top: int | None,
@@ -241,7 +244,7 @@ class OpenAIServingChat(OpenAIServing):
             body = ChatCompletionChunk(
                 id=request_id,
                 created=created,
-                model=self.served_model_name,
+                model=model,
                 choices=choices,
                 usage=usage,
             )

@@ -45,7 +45,8 @@ class _ChoiceState:
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest, deadline: float | None = None) -> Response:
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
+        model = self.response_model(self.served_model_name, lora)
         self.check_generate_model()
         self._check(req)
         base = self.base_params(req, req.max_tokens, req.logprobs)
@@ -56,13 +57,13 @@ class OpenAIServingCompletion(OpenAIServing):
         params = [self.params_for_prompt(base, req.max_tokens, len(p.token_ids)) for p in prompts]
         echo_texts = await self._echo_texts(req, prompts)
         request_id = random_id("cmpl")
-        streams = await self.add_prompts(request_id, prompts, params)
+        streams = await self.add_prompts(request_id, prompts, params, lora)
         created = int(time.time())
         if req.stream:
             return SSEResponse(
-                self._stream(req, request_id, created, streams, echo_texts, deadline)
+                self._stream(req, request_id, model, created, streams, echo_texts, deadline)
             )
-        return await self._full(req, request_id, created, streams, echo_texts, deadline)
+        return await self._full(req, request_id, model, created, streams, echo_texts, deadline)
 
     def _check(self, req: CompletionRequest) -> None:
         if req.suffix is not None:
@@ -120,6 +121,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self,
         req: CompletionRequest,
         request_id: str,
+        model: str,
         created: int,
         streams: list[RequestStream],
         echo_texts: list[str],
@@ -139,7 +141,7 @@ class OpenAIServingCompletion(OpenAIServing):
         response = CompletionResponse(
             id=request_id,
             created=created,
-            model=self.served_model_name,
+            model=model,
             choices=choices,
             usage=make_usage(num_prompt, num_completion),
         )
@@ -164,6 +166,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self,
         req: CompletionRequest,
         request_id: str,
+        model: str,
         created: int,
         streams: list[RequestStream],
         echo_texts: list[str],
@@ -176,9 +179,7 @@ class OpenAIServingCompletion(OpenAIServing):
         num_prompt: dict[int, int] = {}
 
         def chunk(choice: CompletionChoice) -> str:
-            body = CompletionResponse(
-                id=request_id, created=created, model=self.served_model_name, choices=[choice]
-            )
+            body = CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
             return sse(body.model_dump_json(exclude={"usage"}))
 
         try:
@@ -219,7 +220,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 body = CompletionResponse(
                     id=request_id,
                     created=created,
-                    model=self.served_model_name,
+                    model=model,
                     choices=[],
                     usage=usage,
                 )

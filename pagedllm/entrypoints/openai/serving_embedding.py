@@ -32,7 +32,7 @@ from pagedllm.pooling_params import PoolingParams
 class OpenAIServingEmbedding(OpenAIServing):
     async def create(self, req: EmbeddingRequest, deadline: float | None = None) -> JSONResponse:
         """/v1/embeddings, and /pooling for a PoolingRequest (same fields, vLLM's shape)."""
-        self.check_model(req.model)
+        self.check_model(req.model)  # a pooling server serves no adapters
         self.check_pooling_model()
         items = _input_items(req.input)
         self.check_fan_out(len(items), 1)

@@ -71,6 +71,32 @@ class TorchKernels:
         allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
         logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
+    def lora_pack(self, a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layout lora_apply wants for a step's stacked adapters (here: as they are)."""
+        return a, bt
+
+    def lora_apply(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        a: torch.Tensor,
+        bt: torch.Tensor,
+        bounds: list[int],
+    ) -> None:
+        """Multi-LoRA, in place: each token's own adapter's ``y += (x A^T) B^T`` (layout in
+        ops/csrc/generic/lora.cpp); tokens of slot -1 untouched. fp32 sums."""
+        rank = bt.shape[1]
+        for slot in slots.unique().tolist():
+            if slot < 0:
+                continue
+            rows = (slots == slot).nonzero().squeeze(1)
+            t = x.index_select(0, rows).float() @ a[slot].float().t()
+            for k in range(len(bounds) - 1):
+                lo, hi = bounds[k], bounds[k + 1]
+                delta = t[:, k * rank : (k + 1) * rank] @ bt[slot, :, lo:hi].float()
+                y[:, lo:hi].index_add_(0, rows, delta.to(y.dtype))
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -124,3 +150,26 @@ class NativeKernels(TorchKernels):
         if logits.stride(-1) != 1 or logits.device.type != "cpu":
             return super().apply_token_bitmask(logits, rows, bitmask)
         self.ops.apply_token_bitmask(logits, rows.long().contiguous(), bitmask.contiguous())
+
+    def lora_pack(self, a, bt):
+        """The kernel's layouts (ops/csrc/generic/lora.cpp): Rt padded to 16, then VNNI pairs
+        (bf16 on an AVX512-BF16 build, even ``in``), else A transposed."""
+        if a.dtype not in (torch.float32, torch.bfloat16):
+            return a, bt  # the torch path's layout
+        slots, rt, inn = a.shape
+        pad = -rt % 16
+        if pad:
+            a = torch.cat([a, a.new_zeros(slots, pad, inn)], dim=1)
+        r, out = bt.shape[1], bt.shape[2]
+        vnni = a.dtype == torch.bfloat16 and self.ops.isa in ("avx512", "amx")
+        if vnni and inn % 2 == 0 and r % 2 == 0:
+            a = a.view(slots, rt + pad, inn // 2, 2).permute(0, 2, 1, 3).contiguous()
+            bt = bt.view(slots, r // 2, 2, out).permute(0, 1, 3, 2).contiguous()
+            return a, bt
+        return a.transpose(1, 2).contiguous(), bt.contiguous()
+
+    def lora_apply(self, y, x, slots, a, bt, bounds):
+        """``a``, ``bt`` as lora_pack made them."""
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return super().lora_apply(y, x, slots, a, bt, bounds)
+        self.ops.lora_apply(y, x.contiguous(), slots, a, bt, bounds)

@@ -4,6 +4,8 @@ backend's choice (backends/linear.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,6 +20,10 @@ class Linear(nn.Linear):
     amx_weight: torch.Tensor | None = None  # amx_linear's tile layout
     int8_weight: torch.Tensor | None = None  # [out, in] int8, with int8_scales [out]
     int8_scales: torch.Tensor | None = None
+    # Multi-LoRA (model_executor/lora.py): the step's adapters, set on the projections they
+    # can change; this layer's name in them.
+    lora_step: Any = None
+    lora_name: str = ""
 
     def quantize_int8(self) -> None:
         """Keep a per-output-channel symmetric int8 copy of the weight for small steps."""
@@ -28,7 +34,10 @@ class Linear(nn.Linear):
         self.linear_backend.prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_backend.apply(self, x)
+        y = self.linear_backend.apply(self, x)
+        if self.lora_step is not None and self.lora_step.layers is not None:
+            self.lora_step.apply(self.lora_name, x, y)
+        return y
 
 
 class ColumnParallelLinear(Linear):

@@ -166,6 +166,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     check_tensor_parallel = staticmethod(check_tensor_parallel)
+    packed_modules_mapping = PACKED_MODULES  # also how LoRA adapters' names map (lora.py)
 
     def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup | None = None) -> None:
         """``tp``: this rank of the tensor-parallel group the weights are split over (heads,

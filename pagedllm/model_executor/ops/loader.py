@@ -33,6 +33,7 @@ SOURCES = (
     "generic/prefill_attention.cpp",
     "generic/argmax.cpp",
     "generic/token_bitmask.cpp",
+    "generic/lora.cpp",
     "generic/int8_linear.cpp",
     "x86/amx/amx_prefill_attention.cpp",
     "x86/amx/amx_linear.cpp",

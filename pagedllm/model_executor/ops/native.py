@@ -86,6 +86,10 @@ class NativeOps:
     def apply_token_bitmask(self, logits, rows, bitmask) -> None:
         self._ops.apply_token_bitmask(logits, rows, bitmask)
 
+    # ---- multi-LoRA ---------------------------------------------------------------------------
+    def lora_apply(self, y, x, slots, a, bt, bounds: list[int]) -> None:
+        self._ops.lora_apply(y, x, slots, a, bt, bounds)
+
     @functools.cached_property
     def amx_supported(self) -> bool:
         """Built with the AMX kernels, and Linux granted this process the tile state."""

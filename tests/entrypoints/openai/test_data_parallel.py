@@ -119,3 +119,69 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie (dead, not yet reaped) counts as gone
         return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_replicas_serve_embeddings(minilm_dir):
+    """A pooling model behind the front end: /v1/embeddings and /score reach a replica, which
+    answers as one engine does."""
+    with LLM(minilm_dir, dtype="float32") as llm:
+        want = [o.outputs.embedding for o in llm.embed(["a cat", "a dog"], use_tqdm=False)]
+    args = [
+        minilm_dir,
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "m",
+        "--data-parallel-size",
+        "2",
+    ]
+    with run_server_process(args) as (proc, url, _):
+        wait_healthy(url, alive=lambda: proc.poll() is None)
+        resp = httpx.post(url + "/v1/embeddings", json={"input": ["a cat", "a dog"]}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        got = [d["embedding"] for d in resp.json()["data"]]
+        assert max(abs(x - y) for g, w in zip(got, want) for x, y in zip(g, w)) < 1e-5
+        score = httpx.post(url + "/score", json={"text_1": "a cat", "text_2": "a dog"}, timeout=60)
+        assert score.status_code == 200, score.text
+
+
+def test_lora_adapters_load_on_every_replica(tiny_llama_dir, tmp_path):
+    """/v1/load_lora_adapter through the front end loads the adapter on both replicas: requests
+    for it then succeed on whichever replica they land; unloading removes it everywhere."""
+    from tests.utils import load_hf_model, make_lora_adapter
+
+    make_lora_adapter(load_hf_model(tiny_llama_dir), tmp_path / "ad", seed=5)
+    args = [
+        tiny_llama_dir,
+        "--kv-cache-memory",
+        str(2**24),
+        "--data-parallel-size",
+        "2",
+        "--enable-lora",
+        "--allow-runtime-lora-updating",
+    ]
+    with run_server_process(args) as (proc, url, _):
+        wait_healthy(url, alive=lambda: proc.poll() is None)
+        body = {"lora_name": "ad", "lora_path": str(tmp_path / "ad")}
+        assert httpx.post(url + "/v1/load_lora_adapter", json=body, timeout=60).status_code == 200
+        again = httpx.post(url + "/v1/load_lora_adapter", json=body, timeout=60)
+        assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+        request = {"model": "ad", "prompt": "hello", "max_tokens": 8, "ignore_eos": True}
+
+        async def concurrently(n: int) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                posts = [
+                    client.post(url + "/v1/completions", json={**request, "prompt": f"{i} hi"})
+                    for i in range(n)
+                ]
+                return await asyncio.gather(*posts)
+
+        # at once, so least-loaded routing gives both replicas some
+        assert all(r.status_code == 200 for r in asyncio.run(concurrently(16)))
+        done = _by_replica(url, "pagedllm:request_success_total")
+        assert set(done) == {"0", "1"}, done
+        unload = {"lora_name": "ad"}
+        assert (
+            httpx.post(url + "/v1/unload_lora_adapter", json=unload, timeout=60).status_code == 200
+        )
+        assert all(r.status_code == 400 for r in asyncio.run(concurrently(4)))

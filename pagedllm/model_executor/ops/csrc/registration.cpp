@@ -36,6 +36,10 @@ PAGEDLLM_LIBRARY(m) {
   m.def("argmax_gap_rows(Tensor x) -> (Tensor, Tensor)");
   // Structured outputs (generic/token_bitmask.cpp).
   m.def("apply_token_bitmask(Tensor(a!) logits, Tensor rows, Tensor bitmask) -> ()");
+  // Multi-LoRA (generic/lora.cpp).
+  m.def(
+      "lora_apply(Tensor(a!) y, Tensor x, Tensor slots, Tensor a, Tensor bt, int[] bounds) "
+      "-> ()");
   // Whether this build's AMX kernels can run here (built for AMX, and granted by Linux).
   m.def("amx_supported() -> bool", &pagedllm::amx_supported);
 }
