@@ -54,6 +54,15 @@ class RequestAbortedError(RuntimeError):
     """The request was cut off unfinished by a shutdown (not by its own client)."""
 
 
+# Steps failing in a row before the engine counts as dead (/health 500, every request failed).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class StepFailedError(RuntimeError):
+    """An engine step this request was part of raised; the request was aborted (its blocks
+    freed) and the engine kept serving the others."""
+
+
 class EngineState(enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -144,6 +153,7 @@ class AsyncLLM:
         self.stats: SchedulerStats | None = None
         # NOTE: worker-thread only: the streams of requests the engine is running.
         self._streams: dict[str, RequestStream] = {}
+        self._step_failures = 0  # consecutive failed steps (worker thread only)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -384,7 +394,23 @@ class AsyncLLM:
             error = RequestAbortedError("the engine stopped before this request finished")
             failed.update((o.request_id, error) for o in aborted)
         elif engine.has_unfinished_requests():
-            outputs.extend(engine.step())
+            try:
+                outputs.extend(engine.step())
+                self._step_failures = 0
+            except WorkerDiedError:
+                raise
+            except Exception as exc:
+                # A fault in one step fails that step's requests only (their state may be
+                # half updated); the engine, its blocks and the other requests go on. Steps
+                # failing one after another are no passing fault: the engine is dead.
+                self._step_failures += 1
+                if self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    raise
+                logger.exception("engine step failed; failing the requests it ran")
+                error = StepFailedError(f"the engine step running this request failed: {exc}")
+                aborted = engine.abort_failed_step()
+                failed.update((out.request_id, error) for out in aborted)
+                outputs.extend(aborted)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

@@ -190,6 +190,7 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps = 0
+        self._step_req_ids: list[str] = []  # the requests of the step running now
 
     def _init_kv_cache(self, args: EngineArgs, max_model_len: int, caching: bool) -> None:
         num_blocks = self._num_kv_blocks(args)
@@ -417,7 +418,9 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
+        self._step_req_ids = []
         scheduler_output = self.scheduler.schedule()
+        self._step_req_ids = list(scheduler_output.num_scheduled_tokens)
         t0 = time.perf_counter()
         runner_output = self.executor.execute_model(scheduler_output)
         seconds = time.perf_counter() - t0
@@ -427,6 +430,16 @@ class LLMEngine:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.num_steps += 1
         return outputs
+
+    def abort_failed_step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
+        """After step() raised: abort the requests that step ran (their state may be half
+        updated: tokens scheduled, never computed), freeing their blocks; the rest (waiting,
+        or not scheduled in it) go on. -> their final (aborted) outputs. The runner drops
+        their state with the next step's finished ids, as for any abort."""
+        failed = {self.output_processor.child_to_parent.get(c, c) for c in self._step_req_ids}
+        failed &= {*self.output_processor.requests, *self.output_processor.pooling}
+        self._step_req_ids = []
+        return self.abort_request(sorted(failed))
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()

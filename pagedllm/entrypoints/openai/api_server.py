@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm import __version__, envs
@@ -59,6 +60,7 @@ from pagedllm.entrypoints.openai.protocol import (
     UnloadLoRAAdapterRequest,
 )
 from pagedllm.entrypoints.openai.read_timeouts import BodyReadTimeout, header_timeout_protocol
+from pagedllm.entrypoints.openai.request_logger import RequestLogger
 from pagedllm.entrypoints.openai.serving import CLIENT_TIMEOUT_HEADER, cancel_on_disconnect
 from pagedllm.entrypoints.openai.serving_chat import (
     OpenAIServingChat,
@@ -296,6 +298,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
         config.max_seqs_per_request,
         config.request_timeout,
         app.state.lora_modules,
+        RequestLogger(config.max_log_len) if config.enable_log_requests else None,
     )
     app.state.completion = OpenAIServingCompletion(*servings)
     app.state.chat = OpenAIServingChat(*servings, tool_call_parser=config.tool_call_parser)
@@ -310,6 +313,14 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
     app.add_middleware(
         RequestGate, state=state, is_loading=lambda: engine.state == EngineState.LOADING
     )
+    if config.allowed_origins:  # outermost: preflights are answered before the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=list(config.allowed_methods),
+            allow_headers=list(config.allowed_headers),
+            allow_credentials=config.allow_credentials,
+        )
     return app
 
 

@@ -4,6 +4,7 @@ from EngineArgs; ``ServerConfig`` is what the server runs with once the flags ar
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,14 @@ class ServerConfig:
     # LoRA adapters served as models of their own: (name, peft adapter directory).
     lora_modules: tuple[tuple[str, str], ...] = ()
     allow_runtime_lora_updating: bool = False
+    # CORS: none by default (browsers on other origins get no access); "*" allows any.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    # Log each request (id, route, parameters, prompt: first max_log_len chars and ids).
+    enable_log_requests: bool = False
+    max_log_len: int | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -81,6 +90,13 @@ class ServerConfig:
             raise ValueError("api_key must not be empty")
         if self.metrics_api_key == "":
             raise ValueError("metrics_api_key must not be empty")
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ValueError(
+                "--allow-credentials with --allowed-origins '*' would let any site send "
+                "credentialed requests: list the origins"
+            )
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be >= 0, got {self.max_log_len}")
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -193,6 +209,43 @@ def make_arg_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--allowed-origins",
+        default=None,
+        help="CORS: origins browsers may call the API from, as a JSON list "
+        "('[\"https://app.example\"]') or comma-separated; '*' = any (default: none, CORS "
+        "off: other origins' pages cannot read the answers)",
+    )
+    parser.add_argument(
+        "--allowed-methods",
+        default=None,
+        help="CORS: allowed methods, JSON list or comma-separated (default: all)",
+    )
+    parser.add_argument(
+        "--allowed-headers",
+        default=None,
+        help="CORS: allowed request headers, JSON list or comma-separated (default: all)",
+    )
+    parser.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: allow credentialed requests (cookies, Authorization) from the allowed "
+        "origins (never with '*')",
+    )
+    parser.add_argument(
+        "--enable-log-requests",
+        "--log-requests",
+        action="store_true",
+        help="log every request (id, route, model, sampling parameters, prompt text and token "
+        "ids); off by default, so no prompt text reaches the logs",
+    )
+    parser.add_argument(
+        "--max-log-len",
+        type=int,
+        default=None,
+        help="with --enable-log-requests: log at most this many prompt characters and token "
+        "ids (default: all)",
+    )
+    parser.add_argument(
         "--uvicorn-log-level",
         default="info",
         choices=UVICORN_LOG_LEVELS,
@@ -275,8 +328,30 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         request_timeout=ns.request_timeout,
         lora_modules=lora_modules,
         allow_runtime_lora_updating=ns.allow_runtime_lora_updating,
+        allowed_origins=_name_list(ns.allowed_origins, "--allowed-origins") or (),
+        allowed_methods=_name_list(ns.allowed_methods, "--allowed-methods") or ("*",),
+        allowed_headers=_name_list(ns.allowed_headers, "--allowed-headers") or ("*",),
+        allow_credentials=ns.allow_credentials,
+        enable_log_requests=ns.enable_log_requests,
+        max_log_len=ns.max_log_len,
     )
     return server, engine_args
+
+
+def _name_list(value: str | None, flag: str) -> tuple[str, ...] | None:
+    """A JSON list of strings (vLLM's form) or a comma-separated list."""
+    if value is None:
+        return None
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{flag}: invalid JSON ({err})") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{flag}: expected a JSON list of strings")
+    else:
+        items = value.split(",")
+    return tuple(i.strip() for i in items if i.strip())
 
 
 def load_chat_template(value: str | None) -> str | None:

@@ -18,7 +18,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm.engine.admission import QueueFullError
-from pagedllm.engine.async_llm import EngineDeadError, EngineNotReadyError, RequestAbortedError
+from pagedllm.engine.async_llm import (
+    EngineDeadError,
+    EngineNotReadyError,
+    RequestAbortedError,
+    StepFailedError,
+)
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -98,6 +103,8 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         return OpenAIError(str(exc), 503, code="shutting_down")
     if isinstance(exc, EngineNotReadyError):
         return OpenAIError(str(exc), 503, code="model_loading")
+    if isinstance(exc, StepFailedError):
+        return OpenAIError(str(exc), 500, code="step_failed")
     if isinstance(exc, EngineDeadError):
         return OpenAIError(str(exc), 500, code="engine_dead")
     logger.error("internal error while serving a request", exc_info=exc)

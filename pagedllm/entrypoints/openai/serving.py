@@ -27,6 +27,7 @@ from pagedllm.entrypoints.openai.errors import (
 )
 from pagedllm.entrypoints.openai.lora_modules import LoRAModules
 from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
+from pagedllm.entrypoints.openai.request_logger import RequestLogger
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 from pagedllm.lora import LoRARequest
 from pagedllm.outputs import RequestOutput
@@ -76,6 +77,7 @@ class OpenAIServing:
         max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
         request_timeout: float | None = None,
         lora_modules: LoRAModules | None = None,
+        request_logger: RequestLogger | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -83,6 +85,7 @@ class OpenAIServing:
         self.max_seqs_per_request = max_seqs_per_request
         self.request_timeout = request_timeout
         self.lora_modules = lora_modules
+        self.request_logger = request_logger
         self._warned_ignored: set[str] = set()
 
     def warn_ignored_fields(self, req: SamplingRequest) -> None:
@@ -303,6 +306,9 @@ class OpenAIServing:
         ids = [
             request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
         ]
+        if self.request_logger is not None:
+            for rid, p, sp in zip(ids, prompts, params, strict=True):
+                self.request_logger.log(rid, p, sp, lora_request)
         results = await asyncio.gather(
             *(
                 self.engine.add_request(rid, p, sp, group_id=request_id, lora_request=lora_request)

@@ -449,6 +449,10 @@ def test_api_key_from_env(monkeypatch):
 
 # ---- engine failure ----------------------------------------------------------------------------
 def test_engine_failure_fails_requests_and_health(tiny_llama_dir):
+    """A device that fails every step: the first failures fail their requests (500,
+    step_failed); after MAX_CONSECUTIVE_STEP_FAILURES in a row the engine is dead."""
+    from pagedllm.engine.async_llm import MAX_CONSECUTIVE_STEP_FAILURES
+
     explode = threading.Event()
 
     def factory(args: EngineArgs) -> LLMEngine:
@@ -485,9 +489,15 @@ def test_engine_failure_fails_requests_and_health(tiny_llama_dir):
         assert events[-1] == "data: [DONE]"
         assert '"error"' in events[-2] and "simulated device failure" in events[-2]
         error = assert_openai_error(results["whole"], 500)
-        assert error["type"] == "server_error"
+        assert error["type"] == "server_error" and error["code"] == "step_failed"
+        # one failed step fails its requests only; the engine serves on...
+        assert httpx.get(srv.url + "/health").status_code == 200
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+            failed = httpx.post(srv.base_url + "/completions", json=body, timeout=30)
+            assert_openai_error(failed, 500)
+        # ...but steps failing one after another mean the device is gone: the engine is dead
         assert_openai_error(httpx.get(srv.url + "/health"), 500)
         after = httpx.post(srv.base_url + "/completions", json=body, timeout=30)
-        assert_openai_error(after, 500)
+        assert assert_openai_error(after, 500)["code"] == "engine_dead"
         # The rest of the server still answers.
         assert httpx.get(srv.url + "/metrics").status_code == 200
