@@ -60,7 +60,8 @@ class LLMEngine:
         hf_config = load_hf_config(source)
         self.tokenizer = load_tokenizer(source, args.tokenizer)
         arch = arch_config_from_hf(hf_config)
-        self.task = resolve_model_task(args, arch, get_model_class(arch), source)
+        model_cls = get_model_class(arch)
+        self.task = resolve_model_task(args, arch, model_cls, source)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         max_model_len = _max_model_len(args.max_model_len, arch, self.task.max_len)
         self.model_config = ModelConfig(
@@ -79,9 +80,9 @@ class LLMEngine:
             ),
         )
         if args.enable_lora:
-            _check_lora_support(self.task.runner_type, get_model_class(arch))
+            _check_lora_support(self.task.runner_type, model_cls)
         if args.tensor_parallel_size > 1:  # before any worker starts
-            get_model_class(arch).check_tensor_parallel(arch, args.tensor_parallel_size)
+            model_cls.check_tensor_parallel(arch, args.tensor_parallel_size)
         binds = envs.cpu_threads_bind()
         if binds is not None and len(binds) != args.tensor_parallel_size:
             raise ValueError(

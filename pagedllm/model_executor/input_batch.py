@@ -39,6 +39,8 @@ from pagedllm.model_executor.request_state import StepRequest
 class ModelInputs:
     requests: list[StepRequest]  # in batch order (decodes first)
     num_tokens: int  # scheduled tokens; input_ids may hold pad rows after them
+    # [len(requests) + 1]: where each request's tokens start in the batch (then the total)
+    query_start: np.ndarray
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata | EncoderMetadata
@@ -137,6 +139,7 @@ def build_inputs(
     return ModelInputs(
         requests=requests,
         num_tokens=total,
+        query_start=cu,
         input_ids=to(input_ids),
         positions=to(positions),
         attn=AttentionMetadata(
@@ -169,6 +172,7 @@ def build_encoder_inputs(scheduled: list[StepRequest], device: torch.device) -> 
     return ModelInputs(
         requests=list(scheduled),
         num_tokens=total,
+        query_start=cu,
         input_ids=to(input_ids),
         positions=to(positions),
         attn=EncoderMetadata(

@@ -168,10 +168,9 @@ class LoRAManager:
         return self.adapters.pop(lora_id, None) is not None
 
     # ---- one step ------------------------------------------------------------------------------
-    def set_step(
-        self, lora_ids: list[int | None], starts: np.ndarray, lens: np.ndarray, num_rows: int
-    ) -> None:
-        """The step's adapters (requests in batch order; ``num_rows`` with the pad rows)."""
+    def set_step(self, lora_ids: list[int | None], query_start: np.ndarray, num_rows: int) -> None:
+        """The step's adapters: one per request in batch order, whose tokens start at
+        ``query_start`` (ModelInputs'); ``num_rows`` counts the pad rows too."""
         ids = sorted({i for i in lora_ids if i is not None})
         if not ids:
             self.step.set(None, None)
@@ -185,9 +184,9 @@ class LoRAManager:
                 [self.adapters[i] for i in ids], self.linears, self.step.kernels
             )
         slot = np.full(num_rows, -1, dtype=np.int64)
-        for lora_id, start, n in zip(lora_ids, starts, lens):
+        for i, lora_id in enumerate(lora_ids):
             if lora_id is not None:
-                slot[start : start + n] = ids.index(lora_id)
+                slot[query_start[i] : query_start[i + 1]] = ids.index(lora_id)
         self.step.set(layers, torch.from_numpy(slot).to(self.device))
 
     # ---- helpers -------------------------------------------------------------------------------

@@ -178,11 +178,9 @@ class ModelRunner:
             pad=self.pad_rows,
         )
         if self.lora is not None:
-            lens = np.fromiter((s.num_tokens for s in inputs.requests), dtype=np.int64)
             self.lora.set_step(
                 [s.state.lora_id for s in inputs.requests],
-                np.cumsum(lens) - lens,
-                lens,
+                inputs.query_start,
                 inputs.input_ids.shape[0],
             )
         return inputs, self.model(inputs.input_ids, inputs.positions, inputs.attn)
@@ -265,7 +263,6 @@ class ModelRunner:
         inputs, hidden = self._forward(scheduler_output)
         if not self.tp.is_driver:
             return ModelRunnerOutput(sampled={})
-        starts = np.cumsum([0] + [s.num_tokens for s in inputs.requests])
         rows = inputs.sample_rows
         if not rows:  # only prompt chunks that do not end their prompt
             return ModelRunnerOutput(sampled={})
@@ -274,7 +271,7 @@ class ModelRunner:
             assert all(r.start_pos == 0 for r in reqs), "a pooled prompt must run in one step"
         vectors = self.pooler(
             hidden[: inputs.num_tokens],
-            [int(starts[i]) for i in rows],
+            [int(inputs.query_start[i]) for i in rows],
             [inputs.requests[i].num_tokens for i in rows],
             [r.state.pooling_params for r in reqs],
         )

@@ -36,7 +36,7 @@ from pagedllm.entrypoints.openai.launcher import (
     bind_socket,
     socket_url,
 )
-from pagedllm.entrypoints.openai.lora_modules import LoRAModules
+from pagedllm.entrypoints.openai.lora_modules import LoRAModules, LoRANameInUseError
 from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
 from pagedllm.entrypoints.openai.middleware import (
     APIKeyAuth,
@@ -146,7 +146,7 @@ async def load_lora_adapter(request: LoadLoRAAdapterRequest, raw_request: Reques
     try:
         lora = modules.add(request.lora_name, request.lora_path)
     except ValueError as err:
-        param = "lora_name" if str(err).startswith("the model name") else "lora_path"
+        param = "lora_name" if isinstance(err, LoRANameInUseError) else "lora_path"
         raise OpenAIError(str(err), param=param) from None
     try:
         await engine.call_engine(lambda eng: eng.add_lora(lora))
@@ -174,34 +174,37 @@ async def unload_lora_adapter(request: UnloadLoRAAdapterRequest, raw_request: Re
     )
 
 
+async def _serve(raw_request: Request, handler, request) -> Response:
+    """Run a serving's ``handler(request, deadline)`` under the request's deadline (the
+    server's, shortened by the client's timeout header), cancelled if the client hangs up."""
+    serving = handler.__self__
+    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
+    return await cancel_on_disconnect(raw_request, handler(request, deadline))
+
+
 async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
     serving: OpenAIServingCompletion = raw_request.app.state.completion
-    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
-    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
+    return await _serve(raw_request, serving.create, request)
 
 
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
     serving: OpenAIServingChat = raw_request.app.state.chat
-    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
-    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
+    return await _serve(raw_request, serving.create, request)
 
 
 async def create_embedding(request: EmbeddingRequest, raw_request: Request) -> Response:
     serving: OpenAIServingEmbedding = raw_request.app.state.embedding
-    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
-    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
+    return await _serve(raw_request, serving.create, request)
 
 
 async def create_pooling(request: PoolingRequest, raw_request: Request) -> Response:
     serving: OpenAIServingEmbedding = raw_request.app.state.embedding
-    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
-    return await cancel_on_disconnect(raw_request, serving.create(request, deadline))
+    return await _serve(raw_request, serving.create, request)
 
 
 async def create_score(request: ScoreRequest, raw_request: Request) -> Response:
     serving: OpenAIServingEmbedding = raw_request.app.state.embedding
-    deadline = serving.deadline(raw_request.headers.get(CLIENT_TIMEOUT_HEADER))
-    return await cancel_on_disconnect(raw_request, serving.score(request, deadline))
+    return await _serve(raw_request, serving.score, request)
 
 
 async def tokenize(request: TokenizeRequest, raw_request: Request) -> JSONResponse:

@@ -10,6 +10,10 @@ import json
 from pagedllm.lora import LoRARequest, read_peft_config
 
 
+class LoRANameInUseError(ValueError):
+    """The adapter's name is the base model's or another adapter's."""
+
+
 def parse_lora_module(value: str) -> tuple[str, str]:
     """``name=path`` or vLLM's JSON form ``{"name": ..., "path": ...}`` -> (name, path)."""
     if value.lstrip().startswith("{"):
@@ -44,7 +48,7 @@ class LoRAModules:
     def add(self, name: str, path: str) -> LoRARequest:
         """Check the adapter's config (ValueError naming the problem) and register it."""
         if name == self.base_model_name or name in self.requests:
-            raise ValueError(f"the model name {name!r} is already in use")
+            raise LoRANameInUseError(f"the model name {name!r} is already in use")
         read_peft_config(path, self.max_lora_rank)
         request = LoRARequest(name, next(self._ids), path, self.base_model_name)
         self.requests[name] = request

@@ -128,27 +128,18 @@ class OpenAIServing:
         """The ``model`` a response names: the adapter's name for a LoRA request."""
         return lora.lora_name if lora is not None else served_name
 
-    def check_pooling_model(self) -> None:
-        """400 for an embeddings route on a server that generates text."""
-        if self.engine.info.runner_type != "pooling":
-            raise OpenAIError(
-                f"the model `{self.served_model_name}` generates text and does not make "
-                "embeddings: serve an embedding model (pagedllm serve MODEL --runner pooling, "
-                "or --convert embed for a decoder)",
-                param="model",
-                code="model_not_supported",
-            )
-
-    def check_generate_model(self) -> None:
-        """400 for a completion / chat route on a server that makes embeddings."""
-        if self.engine.info.runner_type != "generate":
-            raise OpenAIError(
-                f"the model `{self.served_model_name}` is served as a pooling (embedding) "
-                "model and does not generate text: use /v1/embeddings (or serve a "
-                "generative model without --runner pooling)",
-                param="model",
-                code="model_not_supported",
-            )
+    def check_runner(self, runner_type: str) -> None:
+        """400 for a route of the other runner: an embeddings route (``pooling``) on a server
+        that generates text, or a completion / chat route (``generate``) on one that makes
+        embeddings."""
+        if self.engine.info.runner_type == runner_type:
+            return
+        why = _WRONG_RUNNER[runner_type]
+        raise OpenAIError(
+            f"the model `{self.served_model_name}` {why}",
+            param="model",
+            code="model_not_supported",
+        )
 
     def check_fan_out(self, num_prompts: int, n: int) -> None:
         """400 before any work for a call that would become too many sequences: one such call
@@ -324,6 +315,14 @@ class OpenAIServing:
             raise errors[0]
         return streams
 
+
+# Why a route of the other runner (keyed by the runner the route needs) is refused.
+_WRONG_RUNNER = {
+    "pooling": "generates text and does not make embeddings: serve an embedding model "
+    "(pagedllm serve MODEL --runner pooling, or --convert embed for a decoder)",
+    "generate": "is served as a pooling (embedding) model and does not generate text: use "
+    "/v1/embeddings (or serve a generative model without --runner pooling)",
+}
 
 # The request fields that can carry a grammar, in the order they are looked at.
 STRUCTURED_FIELDS = (

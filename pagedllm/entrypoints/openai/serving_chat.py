@@ -125,7 +125,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest, deadline: float | None = None) -> Response:
         lora = self.check_model(req.model)
         model = self.response_model(self.served_model_name, lora)
-        self.check_generate_model()
+        self.check_runner("generate")
         num_top = self._check(req)
         plan = tool_plan(req)
         max_tokens = (

@@ -47,7 +47,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest, deadline: float | None = None) -> Response:
         lora = self.check_model(req.model)
         model = self.response_model(self.served_model_name, lora)
-        self.check_generate_model()
+        self.check_runner("generate")
         self._check(req)
         base = self.base_params(req, req.max_tokens, req.logprobs)
         items = self._prompt_items(req.prompt)

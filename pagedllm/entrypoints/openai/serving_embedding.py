@@ -33,7 +33,7 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def create(self, req: EmbeddingRequest, deadline: float | None = None) -> JSONResponse:
         """/v1/embeddings, and /pooling for a PoolingRequest (same fields, vLLM's shape)."""
         self.check_model(req.model)  # a pooling server serves no adapters
-        self.check_pooling_model()
+        self.check_runner("pooling")
         items = _input_items(req.input)
         self.check_fan_out(len(items), 1)
         params = self._params(req.dimensions, req.normalize, req.truncate_prompt_tokens)
@@ -62,7 +62,7 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def score(self, req: ScoreRequest, deadline: float | None = None) -> JSONResponse:
         """Cosine similarity of each (text_1, text_2) pair's embeddings."""
         self.check_model(req.model)
-        self.check_pooling_model()
+        self.check_runner("pooling")
         left = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
         right = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
         if not left or not right:
