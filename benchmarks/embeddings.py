@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -26,6 +25,8 @@ sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from pagedllm.cpu_info import cpu_model  # noqa: E402
 
 WORDS = (
     "the a cat dog market paged attention cache block token model sentence embedding vector "
@@ -40,17 +41,6 @@ def sentences(n: int, seed: int = 0) -> list[str]:
         " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 60))).capitalize() + "."
         for _ in range(n)
     ]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:

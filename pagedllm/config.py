@@ -70,6 +70,9 @@ class EngineArgs:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    # Batch-invariant kernels: a request's greedy output does not depend on what else runs
+    # (model_executor/backends/batch_invariant.py).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         SpeculativeConfig.parse(self.speculative_config)  # raises on a bad value
@@ -91,6 +94,11 @@ class EngineArgs:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.deterministic and self.quantization == "int8":
+            raise ValueError(
+                "deterministic=True does not take quantization='int8' (its small steps run "
+                "another kernel than its large ones)"
             )
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("block_size", self.block_size)

@@ -19,6 +19,26 @@ def cpu_flags_line() -> str:
     return platform.processor()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The model name with family and model ("AMD EPYC (family 26, model 2)"): what a
+    benchmark figure is reported beside (a VM may show a bare "AMD EPYC")."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first CPU's block is enough
+    except OSError:
+        return platform.processor()
+    return (
+        f"{fields.get('model name', platform.processor())} (family {fields.get('cpu family', '?')}"
+        f", model {fields.get('model', '?')})"
+    )
+
+
 def cpu_flags() -> set[str]:
     _, _, flags = cpu_flags_line().partition(":")
     return set(flags.split())

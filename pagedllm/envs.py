@@ -11,6 +11,15 @@ def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("PAGEDLLM_CACHE_DIR", "~/.cache/pagedllm"))
 
 
+def kernel_dir() -> str:
+    """Where the native kernels are built and loaded from (one folder per ISA and source
+    hash): PAGEDLLM_KERNEL_DIR, else ``ops/`` in the cache dir. A container image sets it
+    outside the model cache volume, so mounting that volume does not hide the kernels."""
+    return os.path.expanduser(
+        os.environ.get("PAGEDLLM_KERNEL_DIR") or os.path.join(cache_dir(), "ops")
+    )
+
+
 def kv_cache_memory() -> int | None:
     """CPU KV-cache budget in bytes, like vLLM's VLLM_CPU_KVCACHE_SPACE (which is in GiB)."""
     value = os.environ.get("PAGEDLLM_KV_CACHE_MEMORY")

@@ -103,6 +103,7 @@ class LLMEngine:
             dist_timeout_s=envs.dist_timeout(),
             pooler_config=self.task.pooler_config,
             max_lora_rank=args.max_lora_rank if args.enable_lora else None,
+            deterministic=args.deterministic,
         )
         # Loaded LoRA adapters: id -> (request, prefix-cache salt of this load).
         self.loras: dict[int, tuple[LoRARequest, bytes]] = {}

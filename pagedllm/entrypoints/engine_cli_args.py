@@ -57,6 +57,10 @@ HELP = {
     "pooler_config": 'pooling model: JSON like vLLM\'s \'{"pooling_type": "MEAN", '
     "\"normalize\": true}' (MEAN, CLS or LAST) over the model's sentence-transformers "
     "files (modules.json, 1_Pooling/config.json)",
+    "deterministic": "batch-invariant kernels: a request's greedy output is the same whatever "
+    "else is in the batch, its place in it, prefix-cache hits and chunking, in bf16 as in "
+    "fp32 (every matmul sums in one fixed order, every query row attends on the decode "
+    "kernel; costs throughput, see docs/benchmarks.md); native CPU backends only",
     "ray_address": "the Ray cluster to join with --distributed-executor-backend ray "
     "(host:6379 as `ray start --head` prints it; default: env RAY_ADDRESS, else a new local "
     "cluster)",

@@ -57,8 +57,9 @@ def padded_rows(n: int) -> int:
     NOTE: one row runs as two. oneDNN's bf16 GEMM sums a lone row in another order than rows of
     a larger batch (on AVX-512-BF16, e.g. 10 of 100 rows of the 1536-wide down projection
     differ), so a sequence decoding alone got other bf16 logits, and in greedy decoding other
-    text, than the same sequence decoding beside others. From two rows up a row's result does
-    not depend on the batch."""
+    text, than the same sequence decoding beside others. Two rows up still change with the row
+    count now and then (6 of 64 rows of that projection on Zen 5); --deterministic removes the
+    dependence (backends/batch_invariant.py)."""
     if n < 16:
         return 2 if n == 1 else n
     step = 16 if n <= 512 else 64
@@ -128,6 +129,16 @@ def build_inputs(
     if len(num_rows) and num_rows.max() > 1:  # every position of a request with drafts
         ends = np.cumsum(num_rows)
         sample_index = np.repeat(sample_index - ends + 1, num_rows) + np.arange(int(ends[-1]))
+    token_rows = None
+    if attention.per_token_rows:
+        lens = positions + 1
+        token_rows = DecodeMetadata(
+            num_tokens=total,
+            block_tables=to(table[req_of_token]),
+            seq_lens=to(lens),
+            max_seq_len=int(lens.max()),
+            key_mask=None,
+        )
     if pad:
         padded = padded_rows(total)
         input_ids = np.concatenate([input_ids, np.zeros(padded - total, dtype=np.int64)])
@@ -143,7 +154,11 @@ def build_inputs(
         input_ids=to(input_ids),
         positions=to(positions),
         attn=AttentionMetadata(
-            slot_mapping=to(slots), decode=decode, prefills=prefills, fresh_prefills=fresh_prefills
+            slot_mapping=to(slots),
+            decode=decode,
+            prefills=prefills,
+            fresh_prefills=fresh_prefills,
+            token_rows=token_rows,
         ),
         sample_rows=sample_rows,
         sample_num_rows=num_rows.tolist(),

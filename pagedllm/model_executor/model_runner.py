@@ -46,13 +46,15 @@ class ModelRunner:
         tp: TensorParallelGroup | None = None,
         pooler_config: PoolerConfig | None = None,
         max_lora_rank: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         """``backend``: the kernels to run on; by default the selector's choice for this
         device, dtype and CPU (PAGEDLLM_CPU_ISA), made here once. ``tp``: the tensor-parallel
         rank this runner is (its shard of the weights and of the KV cache's heads); rank 0
         samples, the others only take part in the forward pass. ``pooler_config``: a pooling
         runner, which returns each finished prompt's embedding instead of sampling.
-        ``max_lora_rank``: serve LoRA adapters up to that rank (None: no LoRA)."""
+        ``max_lora_rank``: serve LoRA adapters up to that rank (None: no LoRA).
+        ``deterministic``: batch-invariant kernels (backends/batch_invariant.py)."""
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}")
         self.arch = arch
@@ -70,12 +72,23 @@ class ModelRunner:
         if device.type == "cpu":
             tune_glibc_malloc()
         self.backend = select_backend(
-            device, self.dtype, arch.head_dim, block_size, self.kv_int8, backend=backend
+            device,
+            self.dtype,
+            arch.head_dim,
+            block_size,
+            self.kv_int8,
+            backend=backend,
+            deterministic=deterministic,
         )
         self.tp = tp or single_rank()
         self.model = get_model_class(arch)(arch, self.tp)
         # An encoder keeps no KV cache: each step is whole prompts, attending both ways.
         self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)
+        if deterministic and not self.uses_kv_cache:
+            raise ValueError(
+                "--deterministic covers decoders; an encoder's attention (encoder_forward) is "
+                "not batch-invariant"
+            )
         self.pooler = Pooler(pooler_config) if pooler_config is not None else None
         self.lora = None
         if max_lora_rank is not None:
@@ -107,7 +120,8 @@ class ModelRunner:
         # The lm_head keeps its plain weight too: _exact_logits reads rows of it.
         lm_head = getattr(self.model, "lm_head", None)
         keep = (lm_head,) if lm_head is not None else ()
-        self.pad_rows = pack_linear_weights(self.model, keep_plain=keep) > 0
+        packed = pack_linear_weights(self.model, keep_plain=keep)
+        self.pad_rows = packed > 0 and self.backend.linear.pads_rows
         for name, buf in self.model.named_buffers():
             module_name, _, attr = name.rpartition(".")
             self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)

@@ -39,6 +39,7 @@ class WorkerConfig:
     dist_timeout_s: float = 120.0
     pooler_config: PoolerConfig | None = None  # a pooling runner (embeddings)
     max_lora_rank: int | None = None  # LoRA adapters enabled (--enable-lora)
+    deterministic: bool = False  # batch-invariant kernels (--deterministic)
 
 
 class Worker:
@@ -64,6 +65,7 @@ class Worker:
             tp=self.tp,
             pooler_config=config.pooler_config,
             max_lora_rank=config.max_lora_rank,
+            deterministic=config.deterministic,
         )
         self.runner.load_weights(iter_weights(source))
 

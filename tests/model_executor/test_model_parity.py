@@ -10,7 +10,13 @@ import torch
 from pagedllm.model_executor.loader import iter_weights, load_hf_config, resolve_model
 from pagedllm.model_executor.model_runner import ModelRunner
 from pagedllm.model_executor.models.hf_config import arch_config_from_hf
-from tests.utils import backend_names, check_logits_parity, get_backend, make_tiny_model_dir
+from tests.utils import (
+    backend_names,
+    check_logits_parity,
+    get_backend,
+    make_tiny_model_dir,
+    native_isa_names,
+)
 
 ARCH_VARIANTS = {
     "llama": ("llama", {}),
@@ -39,7 +45,12 @@ def model_dir(request, tmp_path_factory):
 
 
 def _runner(
-    model_dir: str, num_blocks: int, block_size: int, kv_cache_dtype: str, backend: str
+    model_dir: str,
+    num_blocks: int,
+    block_size: int,
+    kv_cache_dtype: str,
+    backend: str,
+    deterministic: bool = False,
 ) -> ModelRunner:
     source = resolve_model(model_dir)
     arch = arch_config_from_hf(load_hf_config(source))
@@ -50,6 +61,7 @@ def _runner(
         kv_cache_dtype,
         block_size=block_size,
         backend=get_backend(backend, torch.float32),
+        deterministic=deterministic,
     )
     runner.load_weights(iter_weights(source))
     runner.allocate_kv_cache(num_blocks, block_size)
@@ -79,8 +91,20 @@ def test_int8_kv_cache_logits_stay_close(model_dir, block_size, max_batched, bac
     _check_parity(model_dir, block_size, max_batched, "int8", backend)
 
 
-def _check_parity(model_dir, block_size, max_batched, kv_cache_dtype, backend):
-    runner = _runner(model_dir, 4096 // block_size, block_size, kv_cache_dtype, backend)
+@pytest.mark.parametrize("isa", native_isa_names())
+@pytest.mark.parametrize(
+    "block_size,max_batched", [(16, 4096), (5, 24)], ids=["bs16", "bs5-chunked"]
+)
+def test_deterministic_logits_match_transformers(model_dir, block_size, max_batched, isa):
+    """--deterministic (bi_linear, every query row on the decode kernel) computes the same
+    model: prefills, chunks over cached blocks and decodes all match transformers."""
+    _check_parity(model_dir, block_size, max_batched, "auto", isa, deterministic=True)
+
+
+def _check_parity(model_dir, block_size, max_batched, kv_cache_dtype, backend, deterministic=False):
+    runner = _runner(
+        model_dir, 4096 // block_size, block_size, kv_cache_dtype, backend, deterministic
+    )
     check_logits_parity(
         lambda out: runner.forward_logits(out, all_positions=True),
         model_dir,

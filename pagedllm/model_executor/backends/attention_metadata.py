@@ -41,6 +41,9 @@ class AttentionMetadata:
     # The prefills with nothing cached (start_pos == 0) as (token_start, num_tokens) int64
     # tensors, for a backend's fresh-prefill kernel (generic/prefill_attention.cpp).
     fresh_prefills: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Every scheduled token as a decode of its own context (its sequence's block table,
+    # seq_len = position + 1), for a backend with ``per_token_rows``.
+    token_rows: DecodeMetadata | None = None
 
 
 @dataclass

@@ -161,7 +161,7 @@ class NativeKernels(TorchKernels):
         if pad:
             a = torch.cat([a, a.new_zeros(slots, pad, inn)], dim=1)
         r, out = bt.shape[1], bt.shape[2]
-        vnni = a.dtype == torch.bfloat16 and self.ops.isa in ("avx512", "amx")
+        vnni = a.dtype == torch.bfloat16 and self.ops.bf16_pairs
         if vnni and inn % 2 == 0 and r % 2 == 0:
             a = a.view(slots, rt + pad, inn // 2, 2).permute(0, 2, 1, 3).contiguous()
             bt = bt.view(slots, r // 2, 2, out).permute(0, 1, 3, 2).contiguous()

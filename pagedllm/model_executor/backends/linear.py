@@ -53,6 +53,9 @@ def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class TorchLinearBackend:
     name = "torch"
     int8_max_rows = INT8_MAX_ROWS
+    # Whether steps pad their rows to buckets (input_batch.padded_rows): oneDNN builds a GEMM
+    # kernel for every new row count of packed weights.
+    pads_rows = True
 
     def describe(self) -> str:
         return "oneDNN (packed weights)"

@@ -14,6 +14,7 @@ import torch
 
 from pagedllm import envs
 from pagedllm.model_executor.backends.base import TORCH_BACKEND, Backend
+from pagedllm.model_executor.backends.batch_invariant import batch_invariant
 from pagedllm.model_executor.backends.cpu_attention import NativeAttentionBackend
 from pagedllm.model_executor.backends.kernels import NativeKernels
 from pagedllm.model_executor.backends.linear import NativeLinearBackend
@@ -52,12 +53,22 @@ def select_backend(
     int8_cache: bool,
     isa: str | None = None,
     backend: Backend | None = None,
+    deterministic: bool = False,
 ) -> Backend:
     """The backend for this model: ``backend`` if given (tests pin one), else the best the
     device and ``isa`` (default: PAGEDLLM_CPU_ISA) allow; either way with torch attention where
-    its attention kernels cannot take the model's shapes."""
+    its attention kernels cannot take the model's shapes. ``deterministic``: that ISA's
+    batch-invariant variant (backends/batch_invariant.py)."""
     if backend is None:
         backend = _pick(device, dtype, envs.cpu_isa() if isa is None else isa)
+    if deterministic:
+        backend = batch_invariant(backend, dtype)
+        if not backend.attention.supports(head_dim, block_size, int8_cache):
+            raise ValueError(
+                f"--deterministic: the {backend.name} decode kernel does not take head_dim "
+                f"{head_dim} with block size {block_size}"
+                f"{' and an int8 cache' if int8_cache else ''}"
+            )
     if not backend.attention.supports(head_dim, block_size, int8_cache):
         logger.warning(
             "the %s attention kernels do not take head_dim %d with block size %d%s: attention "

@@ -77,6 +77,9 @@ class TorchAttentionBackend:
     name = "torch"
     # The decode path gathers blocks under a key mask (input_batch builds it).
     reads_cache_in_place = False
+    # Whether forward reads AttentionMetadata.token_rows (every query row as a decode of its
+    # own context: the batch-invariant backend) instead of the decode/prefill split.
+    per_token_rows = False
     # Query rows of one (sequence, kv head) a verify kernel takes; None: no verify kernel.
     max_verify_rows: int | None = None
     # Whether n-gram drafts are on by default (--speculative-config auto) on this backend: only

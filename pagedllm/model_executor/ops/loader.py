@@ -35,6 +35,7 @@ SOURCES = (
     "generic/token_bitmask.cpp",
     "generic/lora.cpp",
     "generic/int8_linear.cpp",
+    "generic/batch_invariant_linear.cpp",
     "x86/amx/amx_prefill_attention.cpp",
     "x86/amx/amx_linear.cpp",
 )
@@ -83,7 +84,7 @@ def build_dir(isa: str) -> str:
                 h.update(name.encode() + f.read())
     h.update(torch.__version__.encode())
     h.update(" ".join(_cflags(isa)).encode())
-    return os.path.join(envs.cache_dir(), "ops", f"{isa}-{h.hexdigest()[:16]}")
+    return os.path.join(envs.kernel_dir(), f"{isa}-{h.hexdigest()[:16]}")
 
 
 def library_path(isa: str) -> str:

@@ -76,6 +76,14 @@ class NativeOps:
     def amx_linear(self, x, wp) -> torch.Tensor:
         return self._ops.amx_linear(x if x.stride(1) == 1 else x.contiguous(), wp)
 
+    def bi_linear(self, x, wp, bias, n: int) -> torch.Tensor:
+        return self._ops.bi_linear(x.contiguous(), wp, bias, n)
+
+    @functools.cached_property
+    def bi_linear_panel(self) -> int:
+        """Output columns per weight panel of bi_linear (four of the ISA's registers)."""
+        return int(self._ops.bi_linear_panel())
+
     # ---- sampling -----------------------------------------------------------------------------
     def argmax_rows(self, x) -> torch.Tensor:
         return self._ops.argmax_rows(x)
@@ -89,6 +97,11 @@ class NativeOps:
     # ---- multi-LoRA ---------------------------------------------------------------------------
     def lora_apply(self, y, x, slots, a, bt, bounds: list[int]) -> None:
         self._ops.lora_apply(y, x, slots, a, bt, bounds)
+
+    @property
+    def bf16_pairs(self) -> bool:
+        """Built with AVX512-BF16: kernels take bf16 weights as VNNI pairs (vdpbf16ps)."""
+        return self.isa in ("avx512", "amx")
 
     @functools.cached_property
     def amx_supported(self) -> bool:

@@ -1,5 +1,6 @@
 // Every op's schema, in one place. The kernels register their CPU implementations next to their
 // code (PAGEDLLM_IMPL); the Python side calls them through ops/native.py only.
+#include "common/batch_invariant_linear.h"
 #include "common/registration.h"
 #include "x86/amx/amx.h"
 
@@ -31,6 +32,9 @@ PAGEDLLM_LIBRARY(m) {
   // Linear (generic/int8_linear.cpp, x86/amx/amx_linear.cpp).
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor wp) -> Tensor");
+  // Batch-invariant linear for --deterministic (generic/batch_invariant_linear.cpp).
+  m.def("bi_linear(Tensor x, Tensor wp, Tensor? bias, int n) -> Tensor");
+  m.def("bi_linear_panel() -> int", &pagedllm::bi_linear_panel);
   // Sampling (generic/argmax.cpp).
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("argmax_gap_rows(Tensor x) -> (Tensor, Tensor)");
