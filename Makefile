@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@# The real Prometheus server for tests/deploy/test_prometheus.py, where apt works.
+	@command -v prometheus >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && { apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 \
+	            && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; }; } \
+	  || echo "note: prometheus not installed (no apt or not root): its test will be skipped"
 	$(VENV)/bin/python -m pagedllm.model_executor.ops.build
 	$(VENV)/bin/python -c "from pagedllm.model_executor.loader import ensure_default_model as f; print(f())"
 

@@ -154,6 +154,9 @@ class AsyncLLM:
         # NOTE: worker-thread only: the streams of requests the engine is running.
         self._streams: dict[str, RequestStream] = {}
         self._step_failures = 0  # consecutive failed steps (worker thread only)
+        # When the step now running began (time.monotonic), None between steps; written by
+        # the worker, read by /live.
+        self._step_started: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,6 +178,12 @@ class AsyncLLM:
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("engine thread did not stop within %.1f s", timeout)
+
+    def step_running_for(self) -> float:
+        """Seconds the engine step now running has taken (0 between steps, when the loop
+        waits for work: an idle engine is not a stuck one)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def is_ready(self) -> bool:
@@ -394,6 +403,7 @@ class AsyncLLM:
             error = RequestAbortedError("the engine stopped before this request finished")
             failed.update((o.request_id, error) for o in aborted)
         elif engine.has_unfinished_requests():
+            self._step_started = time.monotonic()
             try:
                 outputs.extend(engine.step())
                 self._step_failures = 0
@@ -411,6 +421,8 @@ class AsyncLLM:
                 aborted = engine.abort_failed_step()
                 failed.update((out.request_id, error) for out in aborted)
                 outputs.extend(aborted)
+            finally:
+                self._step_started = None
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

@@ -41,6 +41,7 @@ from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
 from pagedllm.entrypoints.openai.middleware import (
     APIKeyAuth,
     BodySizeLimit,
+    HTTPMetrics,
     RequestGate,
     ServerState,
 )
@@ -84,6 +85,41 @@ async def health(raw_request: Request) -> Response:
         return error_response("the server is shutting down", 503, code="shutting_down")
     if not engine.is_ready:
         return error_response("the model is still loading", 503, code="model_loading")
+    return Response(status_code=200)
+
+
+async def live(raw_request: Request) -> Response:
+    """Liveness (Kubernetes' livenessProbe): the process answers and its engine loop is not
+    stuck. 500 once the engine has died or one step has run longer than --stall-timeout; 200
+    while the model loads (the startupProbe waits for /ready) and while draining."""
+    state = raw_request.app.state
+    engine: AsyncLLM = state.engine
+    if engine.state in (EngineState.FAILED, EngineState.STOPPED):
+        reason = f"it failed: {engine.error}" if engine.error is not None else "it has stopped"
+        return error_response(f"the engine is not running: {reason}", 500, code="engine_dead")
+    running = engine.step_running_for()
+    if running > state.config.stall_timeout:
+        return error_response(
+            f"the engine loop is stuck: one step has run {running:.0f} s "
+            f"(--stall-timeout {state.config.stall_timeout:g})",
+            500,
+            code="engine_stalled",
+        )
+    return Response(status_code=200)
+
+
+async def ready(raw_request: Request) -> Response:
+    """Readiness (readinessProbe, load balancers): 200 only when the model is loaded, a real
+    forward pass has run (the warm-up request) and the server is not draining; else 503, so
+    traffic goes elsewhere without the process being restarted."""
+    state = raw_request.app.state
+    engine: AsyncLLM = state.engine
+    if state.server.draining:
+        return error_response("the server is shutting down", 503, code="shutting_down")
+    if engine.state == EngineState.LOADING:
+        return error_response("the model is still loading", 503, code="model_loading")
+    if not engine.is_ready:
+        return error_response("the engine is not running", 503, code="engine_dead")
     return Response(status_code=200)
 
 
@@ -246,6 +282,8 @@ def build_router() -> APIRouter:
     """The routes; their handlers find everything they need on ``request.app.state``."""
     router = APIRouter()
     router.add_api_route("/health", health, methods=["GET"])
+    router.add_api_route("/live", live, methods=["GET"])
+    router.add_api_route("/ready", ready, methods=["GET"])
     router.add_api_route("/version", version, methods=["GET"])
     router.add_api_route("/metrics", metrics, methods=["GET"])
     router.add_api_route("/v1/models", list_models, methods=["GET"])
@@ -324,6 +362,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig, stat_logger: PrometheusSta
             allow_headers=list(config.allowed_headers),
             allow_credentials=config.allow_credentials,
         )
+    routes = frozenset(app.openapi()["paths"]) | {"/docs", "/redoc", "/openapi.json"}
+    app.add_middleware(HTTPMetrics, routes=routes, record=stat_logger.record_http)
     return app
 
 
@@ -334,7 +374,7 @@ def build_server(
 ) -> tuple[GracefulServer, socket.socket]:
     """-> (server, bound socket): ``server.run(sockets=[sock])`` serves until shut down.
     ``engine_factory`` builds the LLMEngine on the worker thread (tests inject failures)."""
-    stat_logger = PrometheusStatLogger(config.served_model_name)
+    stat_logger = PrometheusStatLogger(config.served_model_name, config.metrics_prefix)
     engine = AsyncLLM(
         engine_args,
         stat_loggers=[stat_logger],

@@ -12,6 +12,7 @@ from pagedllm import envs
 from pagedllm.config import EngineArgs
 from pagedllm.entrypoints.engine_cli_args import add_engine_args, engine_args_from_namespace
 from pagedllm.entrypoints.openai.lora_modules import parse_lora_module
+from pagedllm.entrypoints.openai.metrics import METRICS_PREFIXES
 from pagedllm.entrypoints.openai.serving import DEFAULT_MAX_SEQS_PER_REQUEST
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSER_CHOICES
 from pagedllm.lora import read_peft_config
@@ -21,6 +22,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# /live fails once one engine step has run this long: the loop is stuck, restart the process.
+DEFAULT_STALL_TIMEOUT_S = 120.0
 DEFAULT_HEADER_READ_TIMEOUT_S = 10.0
 DEFAULT_BODY_READ_TIMEOUT_S = 60.0
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -37,6 +40,9 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S
+    # Metric names under pagedllm:, vllm: (vLLM's dashboards work unchanged) or both.
+    metrics_prefix: str = "pagedllm"
     header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT_S
     body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S
     uvicorn_log_level: str = "info"
@@ -70,7 +76,7 @@ class ServerConfig:
             )
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
-        for name in ("header_read_timeout", "body_read_timeout"):
+        for name in ("header_read_timeout", "body_read_timeout", "stall_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.tool_call_parser not in TOOL_PARSER_CHOICES:
@@ -84,6 +90,11 @@ class ServerConfig:
             )
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+        if self.metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(
+                f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, got "
+                f"{self.metrics_prefix!r}"
+            )
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if self.api_key == "":
@@ -193,6 +204,20 @@ def make_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SHUTDOWN_TIMEOUT_S,
         help="seconds SIGTERM/SIGINT waits for in-flight requests before aborting them "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-prefix",
+        choices=METRICS_PREFIXES,
+        default="pagedllm",
+        help="name the /metrics series pagedllm:... , vllm:... (vLLM's own names, so dashboards "
+        "and alerts written for vLLM work unchanged) or both (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=DEFAULT_STALL_TIMEOUT_S,
+        help="seconds one engine step may run before GET /live reports the engine loop stuck "
+        "(500), so an orchestrator restarts the process (default: %(default)s)",
     )
     parser.add_argument(
         "--header-read-timeout",
@@ -318,6 +343,8 @@ def config_from_namespace(ns: argparse.Namespace) -> tuple[ServerConfig, EngineA
         max_request_bytes=ns.max_request_bytes,
         max_seqs_per_request=ns.max_seqs_per_request,
         shutdown_timeout=ns.shutdown_timeout,
+        stall_timeout=ns.stall_timeout,
+        metrics_prefix=ns.metrics_prefix,
         header_read_timeout=ns.header_read_timeout,
         body_read_timeout=ns.body_read_timeout,
         uvicorn_log_level=ns.uvicorn_log_level,

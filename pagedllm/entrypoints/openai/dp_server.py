@@ -296,21 +296,47 @@ def build_dp_app(config: ServerConfig, replicas: ReplicaSet) -> FastAPI:
             return problem
         return await forward(request, 0, request.url.path, routed=False)
 
-    async def health(request: Request) -> Response:
-        if (problem := unavailable()) is not None:
-            return problem
+    async def every_replica_answers(path: str) -> Response:
+        """200 when every replica answers ``path`` (a probe) with 200, else the first
+        failure's status."""
         client = state["client"]
         answers = await asyncio.gather(
-            *(client.get(r.url + "/health", timeout=5) for r in replicas.replicas),
+            *(client.get(r.url + path, timeout=5) for r in replicas.replicas),
             return_exceptions=True,
         )
         for i, answer in enumerate(answers):
             if isinstance(answer, BaseException) or answer.status_code != 200:
                 status = 503 if isinstance(answer, BaseException) else answer.status_code
                 return error_response(
-                    f"engine replica {i} is unhealthy", status, code="replica_unhealthy"
+                    f"engine replica {i} answered {path} with {status}",
+                    status,
+                    code="replica_unhealthy",
                 )
         return Response(status_code=200)
+
+    async def health(request: Request) -> Response:
+        if (problem := unavailable()) is not None:
+            return problem
+        return await every_replica_answers("/health")
+
+    async def live(request: Request) -> Response:
+        """The front end answers; each replica's engine loop is alive (a replica still loading
+        is alive: the startup probe waits for /ready)."""
+        replicas.check_alive()
+        if replicas.failure is not None:
+            return error_response(
+                f"the server lost an engine replica: {replicas.failure}", 500, code="engine_dead"
+            )
+        if not replicas.ready:
+            return Response(status_code=200)
+        return await every_replica_answers("/live")
+
+    async def ready(request: Request) -> Response:
+        """Every replica ready (loaded, warmed up, not draining: a draining replica's 503
+        passes through)."""
+        if not replicas.ready or replicas.failure is not None:
+            return error_response("the engine replicas are not ready", 503, code="model_loading")
+        return await every_replica_answers("/ready")
 
     async def metrics(request: Request) -> Response:
         if not replicas.ready:
@@ -345,6 +371,8 @@ def build_dp_app(config: ServerConfig, replicas: ReplicaSet) -> FastAPI:
     for path in ("/v1/models", "/v1/models/{model_id:path}", "/version"):
         app.add_api_route(path, first_replica, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/live", live, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
     app.state.router = router

@@ -1,4 +1,5 @@
-"""PrometheusStatLogger: the engine's stats as vLLM's metrics under the ``pagedllm:`` prefix.
+"""PrometheusStatLogger: the engine's stats as vLLM's metrics under the ``pagedllm:`` prefix
+(or vLLM's own ``vllm:``, or both: ``--metrics-prefix``), and the HTTP responses by status.
 
 NOTE: the only module that imports prometheus_client. Each server app owns one logger with its
 own CollectorRegistry (never the global one), so several apps in one process (tests) do not
@@ -93,84 +94,124 @@ FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = ("queue_full", "timeout")
 
 
+METRICS_PREFIXES = ("pagedllm", "vllm", "both")
+
+
+class _Fan:
+    """One metric under each prefix: every update goes to all of them."""
+
+    def __init__(self, children: list) -> None:
+        self.children = children
+
+    def set(self, value: float) -> None:
+        for c in self.children:
+            c.set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        for c in self.children:
+            c.inc(amount)
+
+    def observe(self, value: float) -> None:
+        for c in self.children:
+            c.observe(value)
+
+
 class PrometheusStatLogger:
-    def __init__(self, model_name: str) -> None:
+    """``metrics_prefix``: ``pagedllm`` (``pagedllm:num_requests_running``, ...), ``vllm``
+    (vLLM's own names, so dashboards and alerts written for vLLM work unchanged) or ``both``."""
+
+    def __init__(self, model_name: str, metrics_prefix: str = "pagedllm") -> None:
+        if metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(
+                f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, got "
+                f"{metrics_prefix!r}"
+            )
+        prefixes = ("pagedllm", "vllm") if metrics_prefix == "both" else (metrics_prefix,)
         self.registry = CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
+        r = self.registry
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
+        def fan(kind, name: str, doc: str, extra: tuple[str, ...] = (), **kw) -> list:
+            return [
+                kind(f"{p}:{name}", doc, ["model_name", *extra], registry=r, **kw) for p in prefixes
+            ]
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=r).labels(model_name)
+        def gauge(name: str, doc: str) -> _Fan:
+            return _Fan([m.labels(model_name) for m in fan(Gauge, name, doc)])
 
-        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+        def counter(name: str, doc: str) -> _Fan:
+            return _Fan([m.labels(model_name) for m in fan(Counter, name, doc)])
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> _Fan:
+            metrics = fan(Histogram, name, doc, buckets=buckets)
+            return _Fan([m.labels(model_name) for m in metrics])
+
+        def by_label(name: str, doc: str, label: str, values: tuple[str, ...]) -> dict:
+            metrics = fan(Counter, name, doc, (label,))
+            return {v: _Fan([m.labels(model_name, v) for m in metrics]) for v in values}
 
         self.num_requests_running = gauge(
-            "pagedllm:num_requests_running", "Number of requests in the running batch."
+            "num_requests_running", "Number of requests in the running batch."
         )
         self.num_requests_waiting = gauge(
-            "pagedllm:num_requests_waiting", "Number of requests waiting to be scheduled."
+            "num_requests_waiting", "Number of requests waiting to be scheduled."
         )
         self.kv_cache_usage = gauge(
-            "pagedllm:kv_cache_usage_perc",
+            "kv_cache_usage_perc",
             "KV-cache usage: 1 means 100 percent (blocks only the prefix cache keeps are free).",
         )
-        self.prompt_tokens = counter(
-            "pagedllm:prompt_tokens", "Number of prefill tokens processed."
-        )
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter(
-            "pagedllm:generation_tokens", "Number of generation tokens processed."
+            "generation_tokens", "Number of generation tokens processed."
         )
         self.num_preemptions = counter(
-            "pagedllm:num_preemptions", "Cumulative number of preemptions by the scheduler."
+            "num_preemptions", "Cumulative number of preemptions by the scheduler."
         )
         self.prefix_cache_queries = counter(
-            "pagedllm:prefix_cache_queries", "Prefix-cache queries, in tokens."
+            "prefix_cache_queries", "Prefix-cache queries, in tokens."
         )
-        self.prefix_cache_hits = counter(
-            "pagedllm:prefix_cache_hits", "Prefix-cache hits, in tokens."
-        )
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prefix-cache hits, in tokens.")
         self.spec_decode_num_draft_tokens = counter(
-            "pagedllm:spec_decode_num_draft_tokens", "Draft tokens proposed and checked."
+            "spec_decode_num_draft_tokens", "Draft tokens proposed and checked."
         )
         self.spec_decode_num_accepted_tokens = counter(
-            "pagedllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted."
         )
-        success = Counter(
-            "pagedllm:request_success",
+        self.request_success = by_label(
+            "request_success",
             "Count of finished requests, by finish reason.",
-            ["model_name", "finished_reason"],
-            registry=r,
+            "finished_reason",
+            FINISH_REASONS,
         )
-        self.request_success = {
-            reason: success.labels(model_name, reason) for reason in FINISH_REASONS
-        }
-        rejected = Counter(
-            "pagedllm:request_rejected",
+        self.request_rejected = by_label(
+            "request_rejected",
             "Requests turned away: queue_full (429, the waiting queue is full) or timeout (504, "
             "aborted at their deadline).",
-            ["model_name", "reason"],
-            registry=r,
+            "reason",
+            REJECT_REASONS,
         )
-        self.request_rejected = {
-            reason: rejected.labels(model_name, reason) for reason in REJECT_REASONS
-        }
         self.time_to_first_token = histogram(
-            "pagedllm:time_to_first_token_seconds",
+            "time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
             TTFT_BUCKETS,
         )
         self.time_per_output_token = histogram(
-            "pagedllm:time_per_output_token_seconds",
+            "time_per_output_token_seconds",
             "Histogram of the mean time per output token (after the first) of each request.",
             TPOT_BUCKETS,
         )
         self.e2e_request_latency = histogram(
-            "pagedllm:e2e_request_latency_seconds",
+            "e2e_request_latency_seconds",
             "Histogram of end-to-end request latency in seconds.",
             E2E_BUCKETS,
+        )
+        # HTTP responses, by route, method and status class, under the name and labels of
+        # vLLM's (prometheus-fastapi-instrumentator's) http_requests_total.
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP responses by handler (the route; 'none' for unknown paths), method and status "
+            "class (2xx, 4xx, 5xx; 499: the client hung up).",
+            ["handler", "method", "status"],
+            registry=r,
         )
         # The scheduler reports running totals; counters advance by the difference.
         self._last: SchedulerStats | None = None
@@ -212,6 +253,12 @@ class PrometheusStatLogger:
         counter = self.request_rejected.get(reason)
         if counter is not None:
             counter.inc()
+
+    def record_http(self, handler: str, method: str, status: int) -> None:
+        """Called on the event loop as each response starts. 499 (the client hung up; nobody
+        reads the answer) keeps its own status, so client hang-ups are not counted as errors."""
+        label = "499" if status == 499 else f"{status // 100}xx"
+        self.http_requests.labels(handler, method, label).inc()
 
     def render(self) -> tuple[bytes, str]:
         """-> (Prometheus text exposition, its content type)."""

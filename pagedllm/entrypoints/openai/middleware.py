@@ -20,9 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagedllm.entrypoints.openai.errors import error_body
 
 # Routes that answer while the model loads or the server drains.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+OPEN_PATHS = frozenset({"/health", "/live", "/ready", "/metrics", "/version"})
 # Routes that never need a key: load balancers and orchestrators probe them unauthenticated.
-NO_KEY_PATHS = frozenset({"/health", "/version"})
+NO_KEY_PATHS = frozenset({"/health", "/live", "/ready", "/version"})
 METRICS_PATH = "/metrics"
 
 
@@ -157,3 +157,37 @@ class BodySizeLimit:
 
     def _message(self) -> str:
         return f"request body too large: the limit is {self.max_bytes} bytes"
+
+
+class HTTPMetrics:
+    """Counts every response by route, method and status class (``record(handler, method,
+    status)``), outermost so that the gate's 503s, auth's 401s and the body limit's 413s count
+    too. Paths that are no route count as handler ``none`` (a scan of random paths must not
+    grow the metrics without bound)."""
+
+    def __init__(
+        self, app: ASGIApp, routes: frozenset[str], record: Callable[[str, str, int], None]
+    ) -> None:
+        self.app = app
+        self.routes = routes
+        self.record = record
+
+    def handler(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model_id}"
+        return "none"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        handler, method = self.handler(scope["path"]), scope["method"]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.record(handler, method, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

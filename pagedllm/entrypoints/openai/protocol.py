@@ -19,6 +19,7 @@ MAX_N = 16  # samples per prompt
 MAX_LOGPROBS = 20  # top alternatives per token
 MAX_PROMPTS = 256  # prompts in one completion request
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024  # each; every output step searches the new text for them
 
 
 class RequestModel(BaseModel):

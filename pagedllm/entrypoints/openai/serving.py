@@ -26,7 +26,12 @@ from pagedllm.entrypoints.openai.errors import (
     to_openai_error,
 )
 from pagedllm.entrypoints.openai.lora_modules import LoRAModules
-from pagedllm.entrypoints.openai.protocol import MAX_N, MAX_STOP_STRINGS, SamplingRequest
+from pagedllm.entrypoints.openai.protocol import (
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    SamplingRequest,
+)
 from pagedllm.entrypoints.openai.request_logger import RequestLogger
 from pagedllm.entrypoints.openai.tokenizer import AsyncTokenizer
 from pagedllm.lora import LoRARequest
@@ -174,6 +179,10 @@ class OpenAIServing:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise OpenAIError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if any(isinstance(s, str) and len(s) > MAX_STOP_STRING_CHARS for s in stop):
+            raise OpenAIError(
+                f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters", param="stop"
+            )
         # NOTE: values the engine would only trip over inside a step (killing the engine for
         # every request) are rejected here: seeds beyond int64, stop tokens outside the vocab.
         if req.seed is not None and not -(2**63) <= req.seed < 2**63:

@@ -85,6 +85,8 @@ CASES = [
     ("logprobs-too-many", cmpl(logprobs=50), 400, "logprobs"),
     ("stop-not-strings", cmpl(stop=[1, 2]), 400, "stop"),
     ("stop-empty-string", cmpl(stop=[""]), 400, "stop"),
+    ("stop-too-many", cmpl(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
+    ("stop-too-long", cmpl(stop=["x" * 1025]), 400, "stop"),
     ("seed-string", cmpl(seed="abc"), 400, "seed"),
     # Values that would only fail inside an engine step (and take the engine down with them).
     ("seed-beyond-int64", cmpl(seed=2**70), 400, "seed"),
@@ -497,6 +499,8 @@ def test_engine_failure_fails_requests_and_health(tiny_llama_dir):
             assert_openai_error(failed, 500)
         # ...but steps failing one after another mean the device is gone: the engine is dead
         assert_openai_error(httpx.get(srv.url + "/health"), 500)
+        assert assert_openai_error(httpx.get(srv.url + "/live"), 500)["code"] == "engine_dead"
+        assert_openai_error(httpx.get(srv.url + "/ready"), 503)
         after = httpx.post(srv.base_url + "/completions", json=body, timeout=30)
         assert assert_openai_error(after, 500)["code"] == "engine_dead"
         # The rest of the server still answers.

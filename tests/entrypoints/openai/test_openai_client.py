@@ -13,7 +13,7 @@ import pytest
 
 from pagedllm.entrypoints.llm import LLM, apply_chat_template
 from pagedllm.sampling_params import SamplingParams
-from tests.entrypoints.openai.utils import run_server, tokenize
+from tests.entrypoints.openai.utils import get_metric, run_server, tokenize
 
 PROMPT = "The quick brown fox jumps over"
 MESSAGES = [
@@ -317,3 +317,53 @@ def test_chat_template_flag(tiny_llama_dir, tmp_path):
             model=tiny_llama_dir, messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
         assert resp.usage.prompt_tokens == len(tokens)
+
+
+def test_http_responses_counted_by_route_and_status(server):
+    def count(handler: str, status: str) -> float:
+        return get_metric(server.url, "http_requests_total", handler=handler, status=status)
+
+    ok, bad, unknown = (
+        count("/v1/completions", "2xx"),
+        count("/v1/completions", "4xx"),
+        count("none", "4xx"),
+    )
+    httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": -1})
+    httpx.get(server.url + "/no/such/route/42")
+    assert count("/v1/completions", "2xx") == ok + 1
+    assert count("/v1/completions", "4xx") == bad + 1
+    assert count("none", "4xx") == unknown + 1  # unknown paths share one series
+
+
+def test_metrics_prefix_vllm_and_both(tiny_llama_dir):
+    """--metrics-prefix vllm: vLLM's own names (its dashboards work unchanged); both: each."""
+    for prefix, present, absent in (
+        ("vllm", ["vllm:"], ["pagedllm:"]),
+        ("both", ["vllm:", "pagedllm:"], []),
+    ):
+        args = [tiny_llama_dir, "--kv-cache-memory", "8000000", "--metrics-prefix", prefix]
+        with run_server(args) as srv:
+            httpx.post(srv.base_url + "/completions", json={"prompt": "hi", "max_tokens": 3})
+            for p in present:
+                assert get_metric(srv.url, f"{p}generation_tokens_total") == 3
+                assert get_metric(srv.url, f"{p}request_success_total") == 1
+            text = httpx.get(srv.url + "/metrics").text
+            for p in absent:
+                assert f"{p}num_requests_running" not in text
+
+
+def test_client_hangups_are_not_counted_as_errors():
+    from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
+    from tests.entrypoints.openai.utils import parse_metrics
+
+    stats = PrometheusStatLogger("m")
+    for status in (200, 404, 499, 499, 503):
+        stats.record_http("/v1/completions", "POST", status)
+    samples = parse_metrics(stats.render()[0].decode())
+    by_status = {
+        dict(labels)["status"]: v
+        for (name, labels), v in samples.items()
+        if name == "http_requests_total"
+    }
+    assert by_status == {"2xx": 1, "4xx": 1, "499": 2, "5xx": 1}

@@ -63,6 +63,9 @@ def test_sigterm_drains_stream_then_exits_zero(tiny_llama_dir):
             )
             refused = httpx.post(url + "/v1/completions", json={"prompt": "hi"}, timeout=5)
             assert refused.status_code == 503
+            # not ready (no new traffic) but alive (no restart while it drains)
+            assert httpx.get(url + "/ready", timeout=5).json()["error"]["code"] == "shutting_down"
+            assert httpx.get(url + "/live", timeout=5).status_code == 200
             assert refused.json()["error"]["code"] == "shutting_down"
             rest = data_events([first, *events])
         assert rest[-1] == "[DONE]"
@@ -143,14 +146,17 @@ def test_503_while_the_model_loads(tiny_llama_dir):
     thread.start()
     try:
         wait_until(lambda: server.started, 30, "uvicorn to start")
-        for path in ("/health", "/v1/models"):
+        for path in ("/health", "/ready", "/v1/models"):
             resp = httpx.get(server.url + path, timeout=5)
             assert resp.status_code == 503
             assert resp.json()["error"]["code"] == "model_loading"
+        # alive while loading: a liveness probe must not restart a slow load
+        assert httpx.get(server.url + "/live", timeout=5).status_code == 200
         assert httpx.get(server.url + "/metrics", timeout=5).status_code == 200
         release.set()
         wait_healthy(server.url, alive=thread.is_alive)
         assert httpx.get(server.url + "/v1/models", timeout=5).status_code == 200
+        assert httpx.get(server.url + "/ready", timeout=5).status_code == 200
     finally:
         release.set()
         server.should_exit = True

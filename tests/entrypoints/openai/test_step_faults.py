@@ -72,3 +72,46 @@ def test_a_failed_step_fails_only_its_requests(tiny_llama_dir):
         wait_idle(url)
         kv = state["engine"].kv_cache_manager
         assert not kv.req_to_blocks and kv.num_free_blocks == kv.num_blocks
+
+
+def test_live_fails_while_a_step_is_stuck(tiny_llama_dir):
+    """/live: 500 engine_stalled while one step runs past --stall-timeout, 200 before and
+    after; an idle engine (no step running) is alive however long it waits."""
+    hang = threading.Event()
+
+    def factory(args):
+        engine = LLMEngine(args)
+        execute = engine.executor.execute_model
+
+        def stuck(scheduler_output):
+            if hang.is_set() and scheduler_output.num_scheduled_tokens:
+                hang.clear()
+                time.sleep(3.0)
+            return execute(scheduler_output)
+
+        engine.executor.execute_model = stuck
+        return engine
+
+    args = [tiny_llama_dir, "--kv-cache-memory", str(8 * 2**20), "--stall-timeout", "1"]
+    with run_server(args, engine_factory=factory) as handle:
+        url = handle.url
+        time.sleep(1.5)  # idle longer than the stall timeout
+        assert httpx.get(url + "/live").status_code == 200
+        hang.set()
+        result: dict = {}
+
+        def request() -> None:
+            body = {"prompt": "hi", "max_tokens": 4}
+            result["resp"] = httpx.post(url + "/v1/completions", json=body, timeout=30)
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        wait_until(
+            lambda: httpx.get(url + "/live").status_code == 500, 10, "/live to report the stall"
+        )
+        error = httpx.get(url + "/live").json()["error"]
+        assert error["code"] == "engine_stalled" and "--stall-timeout 1" in error["message"]
+        thread.join(30)
+        assert result["resp"].status_code == 200  # a slow step is not a failed one
+        assert httpx.get(url + "/live").status_code == 200
+        assert httpx.get(url + "/ready").status_code == 200
