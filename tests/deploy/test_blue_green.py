@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 
@@ -80,8 +81,10 @@ def test_blue_green_update_loses_no_request(tiny_llama_dir, tmp_path):
         # 1. green starts beside blue and warms up
         green, green_url = start(tiny_llama_dir, tmp_path / "green.log")
         wait_until(lambda: is_ready(green_url), 120, "green to be ready", interval=0.2)
-        # 2. the router sends new requests to green
+        # 2. the router sends new requests to green; requests already on their way to blue
+        # arrive before it stops taking them (in Kubernetes: the chart's preStop sleep)
         route["url"] = green_url
+        time.sleep(2)
         # 3. blue drains what it still runs, then exits
         blue.send_signal(signal.SIGTERM)
         assert blue.wait(60) == 0
