@@ -48,7 +48,7 @@ def make_tokenizer(out_dir: str, vocab_size: int = 300):
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=320,
@@ -69,7 +69,20 @@ def tiny_config(arch: str, **overrides):
     if arch == "qwen2":
         return Qwen2Config(**common)
     if arch == "mistral":
-        return MistralConfig(sliding_window=None, **common)
+        return MistralConfig(**{"sliding_window": None, **common})
+    if arch == "gemma3":
+        # 6 layers: 5 sliding (window 8, RoPE base 10k) and 1 global (base 1M), 1 kv head
+        gemma = dict(
+            num_hidden_layers=6,
+            num_key_value_heads=1,
+            head_dim=32,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        )
+        return Gemma3TextConfig(**{**common, **gemma, **overrides})
     raise ValueError(arch)
 
 
@@ -82,9 +95,11 @@ def make_tiny_model_dir(out_dir, arch: str = "llama", seed: int = 0, **overrides
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger-than-default init so logits are far from uniform and greedy choices are stable.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.15)
+            elif arch == "gemma3" and name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)  # Gemma's norms multiply by 1 + w: w = 0 would hide it
     model.save_pretrained(out_dir)
     make_tokenizer(out_dir)
     return out_dir

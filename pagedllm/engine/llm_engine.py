@@ -541,9 +541,6 @@ def _max_model_len(requested: int | None, arch: Any, trained_len: int | None = N
     limit = arch.max_position_embeddings
     if trained_len:
         limit = min(limit, trained_len)
-    if arch.sliding_window:
-        # NOTE: no sliding-window masking; capping the length keeps answers exact.
-        limit = min(limit, arch.sliding_window)
     if requested is None:
         return limit
     if requested > limit:

@@ -189,7 +189,11 @@ def apply_chat_template(
             raise ValueError(f"messages[{i}].role {m['role']!r} is not a known role")
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise ValueError("the tokenizer has no chat template; pass chat_template")
+        raise ValueError(
+            "this model's tokenizer has no chat template (a base model?): give one with "
+            "--chat-template (pagedllm serve) or chat_template= (LLM.chat), or use "
+            "completions / generate"
+        )
     if tools or uses_tools(messages):
         template = tool_template(template)
     text = tokenizer.apply_chat_template(

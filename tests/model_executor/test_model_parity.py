@@ -35,6 +35,10 @@ ARCH_VARIANTS = {
     ),
     "qwen2": ("qwen2", {}),
     "mistral": ("mistral", {}),
+    # sliding-window attention: a window of 8 under prompts of up to 40 tokens
+    "mistral_window8": ("mistral", {"sliding_window": 8}),
+    # 5 sliding layers : 1 global, QK-norm, (1 + w) norms, GeGLU, scaled embeddings
+    "gemma3": ("gemma3", {}),
 }
 
 
@@ -97,7 +101,12 @@ def test_int8_kv_cache_logits_stay_close(model_dir, block_size, max_batched, bac
 )
 def test_deterministic_logits_match_transformers(model_dir, block_size, max_batched, isa):
     """--deterministic (bi_linear, every query row on the decode kernel) computes the same
-    model: prefills, chunks over cached blocks and decodes all match transformers."""
+    model: prefills, chunks over cached blocks and decodes all match transformers. Models with
+    sliding windows are refused (the decode kernel has no window)."""
+    if arch_config_from_hf(load_hf_config(resolve_model(model_dir))).sliding_window:
+        with pytest.raises(ValueError, match="sliding-window"):
+            _runner(model_dir, 64, block_size, "auto", isa, deterministic=True)
+        return
     _check_parity(model_dir, block_size, max_batched, "auto", isa, deterministic=True)
 
 

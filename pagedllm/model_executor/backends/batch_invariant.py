@@ -89,7 +89,9 @@ class BatchInvariantAttentionBackend(NativeAttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
+        assert window is None, "the model runner refuses sliding windows with --deterministic"
         rows = meta.token_rows
         assert rows is not None, "input_batch builds token_rows for this backend"
         n = rows.num_tokens

@@ -53,6 +53,11 @@ class TorchKernels:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, 2 * I] (gate | up) -> [T, I], GELU's tanh approximation on the gate."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.max(dim=-1).indices  # faster than argmax on CPU; same ties
 

@@ -134,8 +134,13 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq, D]."""
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] (already written to the cache) -> [T, Hq, D].
+        ``window``: a sliding-window layer's width (a query at position p sees the keys at
+        p - window + 1 .. p); None: every earlier key."""
+        if window is not None and window_matters(meta, window):
+            return windowed_forward(q, k, v, k_cache, v_cache, meta, scale, window)
         out = torch.empty_like(q)
         out[meta.slot_mapping.shape[0] :] = 0  # pad rows, if any
         if meta.decode is not None:
@@ -232,3 +237,77 @@ class TorchAttentionBackend:
             padded(q), padded(k), padded(v), attn_mask=meta.key_mask, scale=scale
         )
         return res.transpose(1, 2).reshape(b * length, h, d)[meta.token_index]
+
+
+def window_matters(meta: AttentionMetadata, window: int) -> bool:
+    """Whether some query of the step has more than ``window`` keys before it (else a window
+    changes nothing, and the backend's own kernels run)."""
+    longest = meta.decode.max_seq_len if meta.decode is not None else 0
+    for s in meta.prefills:
+        longest = max(longest, s.start_pos + s.num_tokens)
+    return longest > window
+
+
+def windowed_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    """Sliding-window attention in torch ops for every backend: each query row sees its last
+    ``window`` keys (itself included), as transformers' sliding-window mask does."""
+    out = q.new_zeros(q.shape)
+    gqa = q.shape[1] != k.shape[1]
+    block_size = v_cache.shape[2]
+    if meta.decode is not None:
+        d = meta.decode
+        n = d.num_tokens
+        q_lens = (
+            torch.ones_like(d.seq_lens)
+            if d.query_start_loc is None
+            else d.query_start_loc[1:] - d.query_start_loc[:-1]
+        )
+        # each decode row (a sequence's newest token, then its drafts) at its own position
+        dev = q.device
+        seq_of_row = torch.repeat_interleave(torch.arange(len(q_lens), device=dev), q_lens)
+        first = torch.cumsum(q_lens, 0) - q_lens
+        offset = torch.arange(n, device=dev) - first[seq_of_row]
+        pos = d.seq_lens[seq_of_row] - q_lens[seq_of_row] + offset
+        tables = d.block_tables[seq_of_row]
+        out[:n] = _attend_rows(q[:n], k_cache, v_cache, tables, pos, block_size, scale, window, gqa)
+    for s in meta.prefills:
+        rows = slice(s.token_start, s.token_start + s.num_tokens)
+        pos = s.start_pos + torch.arange(s.num_tokens, device=q.device)
+        if s.block_table is None:  # nothing cached: the keys are this step's own
+            qs = q[rows].transpose(0, 1).unsqueeze(0)
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            kpos = pos
+        else:
+            qs = q[rows].transpose(0, 1).unsqueeze(0)
+            ks, vs = gather_kv(k_cache, v_cache, s.block_table, q.shape[-1], q.dtype)
+            kpos = torch.arange(ks.shape[1], device=q.device)
+        mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - window)
+        res = F.scaled_dot_product_attention(
+            qs, ks.unsqueeze(0), vs.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        out[rows] = res[0].transpose(0, 1)
+    return out
+
+
+def _attend_rows(q, k_cache, v_cache, tables, pos, block_size, scale, window, gqa):
+    """One query row per sequence of blocks ``tables[i]`` at position ``pos[i]``."""
+    b = tables.shape[0]
+    ks, vs = gather_kv(k_cache, v_cache, tables.flatten(), q.shape[-1], q.dtype)
+    h, dim = ks.shape[0], ks.shape[-1]
+    ks = ks.view(h, b, -1, dim).transpose(0, 1)
+    vs = vs.view(h, b, -1, dim).transpose(0, 1)
+    kpos = torch.arange(ks.shape[2], device=q.device)
+    mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - window)
+    res = F.scaled_dot_product_attention(
+        q.unsqueeze(2), ks, vs, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
+    )
+    return res.squeeze(2)

@@ -1,4 +1,4 @@
-"""SiLU-gated activation (SwiGLU) as a module, so that it holds the backend's kernels."""
+"""Gated activations (SwiGLU, GeGLU) as modules, so that they hold the backend's kernels."""
 
 from __future__ import annotations
 
@@ -14,3 +14,13 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, 2 * I] (gate | up) -> [T, I]."""
         return self.kernels.silu_and_mul(x)
+
+
+class GeluTanhAndMul(nn.Module):
+    """GeGLU with the tanh approximation of GELU (Gemma's gelu_pytorch_tanh)."""
+
+    kernels = TORCH_BACKEND.kernels  # bound by the model runner (Backend.bind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, 2 * I] (gate | up) -> [T, I]."""
+        return self.kernels.gelu_tanh_and_mul(x)

@@ -14,9 +14,11 @@ from pagedllm.model_executor.backends.base import TORCH_BACKEND
 class PagedAttention(nn.Module):
     attention_backend = TORCH_BACKEND.attention  # bound by the model runner (Backend.bind)
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, sliding_window: int | None = None) -> None:
+        """``sliding_window``: this layer attends only to its last that many keys."""
         super().__init__()
         self.scale = scale
+        self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
 
     def forward(
@@ -27,4 +29,4 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.kv_cache
         backend = self.attention_backend
         backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        return backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -17,11 +18,19 @@ def invalid_gguf_error(path: str, err: BaseException) -> ValueError:
 
 
 def open_gguf(path: str) -> GGUFReader:
-    """Parse the header of a GGUF file (tensor data stays memory-mapped).
+    """Parse the header of a GGUF file (tensor data stays memory-mapped); the last file parsed
+    is kept (the tokenizer and the weights read the same one, and a 262k-token vocabulary takes
+    gguf-py seconds to parse).
 
     gguf-py reports bad files as ValueError, IndexError, struct or numpy errors depending on where
     the bytes go wrong; callers get one ValueError naming the file instead.
     """
+    stat = os.stat(path)
+    return _open_gguf(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_gguf(path: str, size: int, mtime_ns: int) -> GGUFReader:
     try:
         reader = GGUFReader(path)
         _check_tensor_extents(reader, os.path.getsize(path))

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 # llama.cpp's convert_hf_to_gguf.py interleaves the rows of q/k (rotary halves -> pairs) for these
 # architectures only; Qwen2/Qwen3 are written unpermuted.
 _PERMUTED_ARCHS = frozenset({"llama"})
-SUPPORTED_GGUF_ARCHS = frozenset({"llama", "qwen2", "qwen3"})
+SUPPORTED_GGUF_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma3"})
+# llama.cpp writes Gemma's RMSNorm weights as the factor 1 + w; HF checkpoints hold w.
+_NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
 
 _GLOBAL_NAMES = MappingProxyType(
     {
@@ -43,6 +45,19 @@ _BLOCK_NAMES = MappingProxyType(
         "ffn_down": "mlp.down_proj",
     }
 )
+# Gemma 3's four norms per layer (ffn_norm is the norm before the MLP there).
+_ARCH_BLOCK_NAMES = MappingProxyType(
+    {
+        "gemma3": MappingProxyType(
+            {
+                **_BLOCK_NAMES,
+                "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm",
+            }
+        )
+    }
+)
 
 
 def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -60,18 +75,21 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         )
     n_head = meta.get(f"{arch}.attention.head_count")
     n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
-    return _generate(path, reader, arch in _PERMUTED_ARCHS, n_head, n_head_kv)
+    return _generate(path, reader, arch, n_head, n_head_kv)
 
 
 def _generate(
-    path: str, reader: GGUFReader, permuted: bool, n_head: Any, n_head_kv: Any
+    path: str, reader: GGUFReader, arch: str, n_head: Any, n_head_kv: Any
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    permuted = arch in _PERMUTED_ARCHS
     for tensor in reader.tensors:
-        hf_name = hf_tensor_name(tensor.name)
+        hf_name = hf_tensor_name(tensor.name, arch)
         if hf_name is None:
             logger.debug("%s: skipping GGUF tensor %s (not an HF parameter)", path, tensor.name)
             continue
         weights = _dequantize(path, tensor)
+        if arch in _NORM_PLUS_ONE_ARCHS and hf_name.endswith("norm.weight"):
+            weights -= 1.0
         if permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
             layer = int(tensor.name.split(".")[1])
             heads = n_head if ".attn_q." in tensor.name else n_head_kv
@@ -79,16 +97,18 @@ def _generate(
         yield hf_name, torch.from_numpy(weights)
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """HF parameter name of a llama.cpp tensor name, or None for tensors HF models do not have."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """HF parameter name of a llama.cpp tensor name (of an ``arch`` model), or None for tensors
+    HF models do not have."""
+    block_names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     stem, _, kind = gguf_name.rpartition(".")
     if kind not in ("weight", "bias"):
         return None
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block_names:
+        return f"model.layers.{parts[1]}.{block_names[parts[2]]}.{kind}"
     return None
 
 

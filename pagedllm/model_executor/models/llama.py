@@ -87,7 +87,7 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, tp)
         self.rotary = rotary
-        self.attn = PagedAttention(self.scale)
+        self.attn = PagedAttention(self.scale, cfg.sliding_window)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata

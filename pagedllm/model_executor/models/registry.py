@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from pagedllm.model_executor.models.bert import BertModel
+from pagedllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "BertModel": BertModel,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
