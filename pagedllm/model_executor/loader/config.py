@@ -11,14 +11,38 @@ from pagedllm.model_executor.loader.source import ModelSource
 
 
 def load_hf_config(source: ModelSource) -> PretrainedConfig:
-    """AutoConfig for the source; a corrupt GGUF raises ValueError naming the file.
+    """AutoConfig for the source; a corrupt GGUF, or a checkpoint quantized by a method pagedllm
+    cannot run, raises ValueError naming the file.
 
     Rope settings stay where transformers 5 keeps them (``config.rope_parameters``).
     """
     if source.gguf_file is None:
-        return AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(source.path)
+        check_quantization_config(config, source.path)
+        return config
     directory, filename = os.path.split(source.gguf_file)
     try:
         return AutoConfig.from_pretrained(directory, gguf_file=filename)
     except Exception as err:
         raise gguf_load_error(source.gguf_file, "a model config", err) from err
+
+
+def check_quantization_config(hf_config: PretrainedConfig, where: str) -> None:
+    """A checkpoint quantized by a method pagedllm cannot run (its ``quantization_config``:
+    AWQ, GPTQ, compressed-tensors, ...) is refused at load with a ValueError that says so,
+    instead of failing on its first packed tensor (or loading garbage)."""
+    qconfig = getattr(hf_config, "quantization_config", None)
+    if not qconfig:
+        return
+    if not isinstance(qconfig, dict):
+        qconfig = qconfig.to_dict() if hasattr(qconfig, "to_dict") else vars(qconfig)
+    method = qconfig.get("quant_method", "unknown")
+    details = ", ".join(
+        f"{k}={qconfig[k]}" for k in ("bits", "group_size", "format") if k in qconfig
+    )
+    raise ValueError(
+        f"{where}: quantization_config with quant_method {method!r}"
+        f"{f' ({details})' if details else ''} is not supported: pagedllm runs unquantized "
+        "checkpoints (fp32/bf16/fp16) and GGUF files (dequantized at load); use one of those, "
+        "or --quantization int8 on an unquantized checkpoint"
+    )

@@ -88,3 +88,25 @@ def test_tokenizer_from_hf_dir_and_override(tmp_path, default_source, default_to
     assert from_dir.encode(text) == tok.encode(text)
     override = load_tokenizer(default_source, tokenizer=str(tmp_path))
     assert override.encode(text) == tok.encode(text)
+
+
+@pytest.mark.parametrize(
+    "qconfig,named",
+    [
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}, "'awq'"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "'gptq'"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "pack-quantized"),
+    ],
+)
+def test_quantized_checkpoints_are_refused_by_name(tiny_llama_dir, tmp_path, qconfig, named):
+    """Until their kernels exist, AWQ/GPTQ/compressed-tensors checkpoints get a ValueError at
+    load that names the method, not a failure on a packed tensor or garbage output."""
+    import shutil
+
+    quantized = tmp_path / "quantized"
+    shutil.copytree(tiny_llama_dir, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"] = qconfig
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"quant_method {named}|{named}"):
+        load_hf_config(resolve_model(str(quantized)))
