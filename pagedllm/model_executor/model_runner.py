@@ -84,11 +84,6 @@ class ModelRunner:
         self.model = get_model_class(arch)(arch, self.tp)
         # An encoder keeps no KV cache: each step is whole prompts, attending both ways.
         self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)
-        if deterministic and arch.sliding_window:
-            raise ValueError(
-                "--deterministic does not cover sliding-window attention yet (this model has a "
-                f"window of {arch.sliding_window})"
-            )
         if deterministic and not self.uses_kv_cache:
             raise ValueError(
                 "--deterministic covers decoders; an encoder's attention (encoder_forward) is "

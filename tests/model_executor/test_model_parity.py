@@ -101,12 +101,8 @@ def test_int8_kv_cache_logits_stay_close(model_dir, block_size, max_batched, bac
 )
 def test_deterministic_logits_match_transformers(model_dir, block_size, max_batched, isa):
     """--deterministic (bi_linear, every query row on the decode kernel) computes the same
-    model: prefills, chunks over cached blocks and decodes all match transformers. Models with
-    sliding windows are refused (the decode kernel has no window)."""
-    if arch_config_from_hf(load_hf_config(resolve_model(model_dir))).sliding_window:
-        with pytest.raises(ValueError, match="sliding-window"):
-            _runner(model_dir, 64, block_size, "auto", isa, deterministic=True)
-        return
+    model: prefills, chunks over cached blocks and decodes all match transformers (sliding
+    windows too: the decode kernel's window)."""
     _check_parity(model_dir, block_size, max_batched, "auto", isa, deterministic=True)
 
 

@@ -12,13 +12,15 @@ from pagedllm.model_executor.backends.cpu_attention import NativeAttentionBacken
 from pagedllm.model_executor.backends.torch_attention import int8_views
 
 
-def _reference(q, kc, vc, tables, lens, scale):
-    """kc, vc in the natural [num_blocks, block_size, kv_heads, head_dim] layout."""
+def _reference(q, kc, vc, tables, lens, scale, window=0):
+    """kc, vc in the natural [num_blocks, block_size, kv_heads, head_dim] layout; ``window``:
+    only the last that many keys."""
     outs = []
     for b in range(q.shape[0]):
         n = int(lens[b])
-        k = kc[tables[b]].flatten(0, 1)[:n].transpose(0, 1).float()
-        v = vc[tables[b]].flatten(0, 1)[:n].transpose(0, 1).float()
+        first = max(0, n - window) if window else 0
+        k = kc[tables[b]].flatten(0, 1)[first:n].transpose(0, 1).float()
+        v = vc[tables[b]].flatten(0, 1)[first:n].transpose(0, 1).float()
         qb = q[b].float().unsqueeze(1)  # [H, 1, D]
         outs.append(
             F.scaled_dot_product_attention(qb, k, v, scale=scale, enable_gqa=True).squeeze(1)
@@ -51,6 +53,27 @@ def test_native_decode_matches_reference(ops, dtype, tol, head_dim, heads, kv_he
     got = ops.paged_attention_decode(q, k_layout, v_layout, tables, lens, scale, int(lens.max()))
     ref = _reference(q, kc, vc, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 37, 64, 100, 1000])
+@pytest.mark.parametrize("cache", ["model", "int8"])
+def test_native_decode_sliding_window(ops, window, cache):
+    """A sliding window: each sequence (lengths 1 to 100) attends only its last ``window``
+    keys; windows inside a block, on block edges, longer than some sequences or all."""
+    q, kc, vc, tables, lens, scale = _decode_case(torch.float32, 64, 9, 3, 16)
+    if cache == "int8":
+        k_layout, v_layout = _int8_cache(kc, vc, ops)
+        kc, vc = _dequantized(k_layout, v_layout, 64)
+    else:
+        k_layout = kc.permute(0, 2, 3, 1).contiguous()
+        v_layout = vc.permute(0, 2, 1, 3).contiguous()
+    max_len = int(lens.max())
+    got = ops.paged_attention_decode(q, k_layout, v_layout, tables, lens, scale, max_len, window)
+    ref = _reference(q, kc, vc, tables, lens, scale, window)
+    torch.testing.assert_close(got.float(), ref, rtol=1e-5, atol=1e-5)
+    if window < max_len:  # and it is not attention over everything
+        full = _reference(q, kc, vc, tables, lens, scale)
+        assert (got.float() - full).abs().max() > 1e-3
 
 
 def _attention(ops):

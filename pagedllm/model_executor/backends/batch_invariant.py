@@ -9,7 +9,8 @@ kernels of the normal backend sum in an order that depends on the batch:
     bi_linear (generic/batch_invariant_linear.cpp), which sums each output over k in one order;
   * attention of prefills (the prefill kernel, SDPA over cached blocks) and of drafts (the
     verify kernel) tiles the query rows, so every query row here runs the decode kernel, which
-    attends one row to its own context (``AttentionMetadata.token_rows``) in a fixed order.
+    attends one row to its own context (``AttentionMetadata.token_rows``; its last ``window``
+    keys in a sliding-window layer) in a fixed order.
 
 The rest already works row by row (norms, RoPE, activation, argmax, LoRA's per-token tiles).
 The cost is measured in docs/benchmarks.md.
@@ -91,12 +92,18 @@ class BatchInvariantAttentionBackend(NativeAttentionBackend):
         scale: float,
         window: int | None = None,
     ) -> torch.Tensor:
-        assert window is None, "the model runner refuses sliding windows with --deterministic"
         rows = meta.token_rows
         assert rows is not None, "input_batch builds token_rows for this backend"
         n = rows.num_tokens
         res = self.ops.paged_attention_decode(
-            q[:n], k_cache, v_cache, rows.block_tables, rows.seq_lens, scale, rows.max_seq_len
+            q[:n],
+            k_cache,
+            v_cache,
+            rows.block_tables,
+            rows.seq_lens,
+            scale,
+            rows.max_seq_len,
+            window or 0,
         )
         if n == q.shape[0]:
             return res

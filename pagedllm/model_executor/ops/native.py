@@ -20,10 +20,19 @@ class NativeOps:
 
     # ---- attention ----------------------------------------------------------------------------
     def paged_attention_decode(
-        self, q, k_cache, v_cache, block_tables, seq_lens, scale: float, max_seq_len: int
+        self,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        scale: float,
+        max_seq_len: int,
+        window: int = 0,
     ) -> torch.Tensor:
+        """``window`` > 0: each sequence attends only its last ``window`` keys."""
         return self._ops.paged_attention_decode(
-            q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len
+            q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, window
         )
 
     def paged_attention_multi(

@@ -9,7 +9,7 @@ PAGEDLLM_LIBRARY(m) {
   // x86/amx/amx_prefill_attention.cpp).
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale, int max_seq_len) -> Tensor");
+      "Tensor seq_lens, float scale, int max_seq_len, int window=0) -> Tensor");
   m.def(
       "paged_attention_multi(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor query_start_loc, float scale, int max_seq_len, "

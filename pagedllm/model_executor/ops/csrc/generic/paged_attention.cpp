@@ -8,7 +8,9 @@
 // With K stored transposed, the scores of a whole block are block_size-wide vector FMAs
 // (q[d] broadcast times row d of K^T): no horizontal reductions. Work is split over
 // (sequence, kv head); the G = num_heads / num_kv_heads query heads sharing a kv head are
-// processed together so each K/V element is loaded once (GQA reuse).
+// processed together so each K/V element is loaded once (GQA reuse). With window > 0 (a
+// sliding-window layer) a sequence attends only its last ``window`` keys: the blocks before
+// them are not read (KeyRange).
 #include <ATen/ATen.h>
 #include "common/registration.h"
 #include <ATen/Parallel.h>
@@ -35,6 +37,28 @@ using pagedllm::prefetch_slice;
 using pagedllm::softmax;
 
 constexpr int kMaxGroup = 16;
+
+// The keys a query at the end of a sequence of ``full`` tokens attends: all of them, or with a
+// sliding window (window > 0) the last ``window``. Whole blocks before the window are skipped
+// (``skip``, the block table read from there on); the kept range is ``len`` keys from the first
+// kept block, of which the first ``masked`` (before the window) get probability 0.
+struct KeyRange {
+  int64_t skip = 0, len = 0, masked = 0;
+  KeyRange(int64_t full, int64_t window, int64_t bs) : len(full) {
+    if (window > 0 && full > window) {
+      const int64_t start = full - window;
+      skip = start / bs;
+      len = full - skip * bs;
+      masked = start - skip * bs;
+    }
+  }
+};
+
+// softmax over s[masked, len); s[0, masked) <- 0.
+inline void windowed_softmax(float* s, int64_t len, int64_t masked) {
+  softmax(s + masked, len - masked);
+  std::fill(s, s + masked, 0.f);
+}
 // Independent partial sums over head_dim in the score loops (head_dim % kSplit == 0).
 constexpr int kSplit = 4;
 
@@ -76,7 +100,7 @@ template <typename T, typename C, int D, int BS, int G>
 void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* block_tables,
                  const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_heads,
                  int64_t num_kv_heads, int64_t block_size_rt, int64_t max_blocks, float scale,
-                 int64_t max_seq_len) {
+                 int64_t max_seq_len, int64_t window) {
   const int64_t bs = BS > 0 ? BS : block_size_rt;
   const int64_t group = G > 0 ? G : num_heads / num_kv_heads;
   const int64_t head_stride = D * bs;  // one kv head's slice of a block (K and V alike)
@@ -87,9 +111,10 @@ void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* 
     std::vector<float> qf(group * D), acc(group * D), buf(std::max<int64_t>(bs, D));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
-      const int64_t len = seq_lens[b];
+      const KeyRange keys(seq_lens[b], window, bs);
+      const int64_t len = keys.len, masked = keys.masked;
       const int64_t nblocks = (len + bs - 1) / bs;
-      const int64_t* table = block_tables + b * max_blocks;
+      const int64_t* table = block_tables + b * max_blocks + keys.skip;
       load_queries<D>(q + (b * num_heads + hk * group) * D, group, scale, qf.data());
       // scores[g, j] = q_g . k_j, one block (bs keys) at a time
       for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -161,7 +186,8 @@ void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* 
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * max_len_padded, len);
+      for (int64_t g = 0; g < group; ++g)
+        windowed_softmax(scores.data() + g * max_len_padded, len, masked);
       // out_g = sum_j p_gj v_j
       prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
       if constexpr (G > 0 && D % kLanes == 0) {
@@ -288,7 +314,7 @@ template <typename T, int D, int BS, int G>
 void decode_int8_impl(const T* q, const int8_t* k_cache, const int8_t* v_cache,
                       const int64_t* block_tables, const int64_t* seq_lens, T* out,
                       int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t bs_rt,
-                      int64_t max_blocks, float scale, int64_t max_seq_len) {
+                      int64_t max_blocks, float scale, int64_t max_seq_len, int64_t window) {
   const int64_t bs = BS > 0 ? BS : bs_rt;
   static_assert(D % 16 == 0, "int8 decode needs head_dim % 16 == 0");
   constexpr int kG = G > 0 ? G : kMaxGroup;
@@ -302,9 +328,10 @@ void decode_int8_impl(const T* q, const int8_t* k_cache, const int8_t* v_cache,
     std::vector<float> qf(group * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
-      const int64_t len = seq_lens[b];
+      const KeyRange keys(seq_lens[b], window, bs);
+      const int64_t len = keys.len;
       const int64_t nblocks = (len + bs - 1) / bs;
-      const int64_t* table = block_tables + b * max_blocks;
+      const int64_t* table = block_tables + b * max_blocks + keys.skip;
       load_queries<D>(q + (b * num_heads + hk * group) * D, group, scale, qf.data());
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int8_t* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
@@ -331,7 +358,8 @@ void decode_int8_impl(const T* q, const int8_t* k_cache, const int8_t* v_cache,
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * max_len_padded, len);
+      for (int64_t g = 0; g < group; ++g)
+        windowed_softmax(scores.data() + g * max_len_padded, len, keys.masked);
       int8_weighted_sum_v<T, D, BS, G>(v_cache, table, nblocks, block_stride,
                                        hk * head_stride, bs, len, scores.data(), max_len_padded,
                                        group, out + (b * num_heads + hk * group) * D);
@@ -357,7 +385,7 @@ template <typename T, int D>
 void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, at::Tensor& out, double scale,
-                         int64_t max_seq_len) {
+                         int64_t max_seq_len, int64_t window) {
   if constexpr (D % 16 != 0) {
     TORCH_CHECK(false, "int8 KV cache needs head_dim % 16 == 0, got ", D);
   } else {
@@ -369,7 +397,7 @@ void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
           q.data_ptr<T>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
           block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), out.data_ptr<T>(),
           q.size(0), q.size(1), k_cache.size(1), block_size, block_tables.size(1),
-          static_cast<float>(scale), max_seq_len);
+          static_cast<float>(scale), max_seq_len, window);
     };
     auto run_g = [&](auto g_tag) {
       if (block_size == 16)
@@ -385,7 +413,7 @@ template <typename T, typename C, int D>
 void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, at::Tensor& out, double scale,
-                         int64_t max_seq_len) {
+                         int64_t max_seq_len, int64_t window) {
   const int64_t block_size = k_cache.size(3);
   const int64_t group = q.size(1) / k_cache.size(1);
   auto run_g = [&](auto bs_tag, auto g_tag) {
@@ -394,7 +422,7 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
     decode_impl<T, C, D, BS, G>(q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
                           block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                           out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), block_size,
-                          block_tables.size(1), static_cast<float>(scale), max_seq_len);
+                          block_tables.size(1), static_cast<float>(scale), max_seq_len, window);
   };
   auto run = [&](auto bs_tag) { with_group(group, [&](auto g_tag) { run_g(bs_tag, g_tag); }); };
   // The default block size gets its own instance; any other runs the runtime-size loop
@@ -410,31 +438,31 @@ void dispatch_block_size(const at::Tensor& q, const at::Tensor& k_cache,
 template <typename T, int D>
 void dispatch_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& block_tables, const at::Tensor& seq_lens, at::Tensor& out,
-                    double scale, int64_t max_seq_len) {
+                    double scale, int64_t max_seq_len, int64_t window) {
   if (k_cache.scalar_type() == at::kChar) {
     dispatch_int8_group<T, D>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,
-                              max_seq_len);
+                              max_seq_len, window);
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
     if (k_cache.scalar_type() == at::kBFloat16) {
       dispatch_block_size<float, c10::BFloat16, D>(q, k_cache, v_cache, block_tables, seq_lens,
-                                                   out, scale, max_seq_len);
+                                                   out, scale, max_seq_len, window);
       return;
     }
   }
   dispatch_block_size<T, T, D>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,
-                               max_seq_len);
+                               max_seq_len, window);
 }
 
 template <typename T>
 void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                       at::Tensor& out, double scale, int64_t max_seq_len) {
+                       at::Tensor& out, double scale, int64_t max_seq_len, int64_t window) {
 #define PAGEDLLM_CASE(HD)                                                                    \
   case HD:                                                                                   \
     dispatch_cache<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,           \
-                          max_seq_len);                                                      \
+                          max_seq_len, window);                                                      \
     break;
   switch (q.size(2)) {
     PAGEDLLM_CASE(16)
@@ -453,7 +481,7 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, double scale,
-                                  int64_t max_seq_len) {
+                                  int64_t max_seq_len, int64_t window) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "inputs must be contiguous");
   if (k_cache.scalar_type() == at::kChar) {
@@ -479,13 +507,13 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
   auto out = at::empty_like(q);
   switch (q.scalar_type()) {
     case at::kFloat:
-      dispatch_head_dim<float>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
+      dispatch_head_dim<float>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len, window);
       break;
     case at::kBFloat16:
-      dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
+      dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len, window);
       break;
     case at::kHalf:
-      dispatch_head_dim<c10::Half>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len);
+      dispatch_head_dim<c10::Half>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len, window);
       break;
     default:
       TORCH_CHECK(false, "paged_attention_decode: unsupported dtype ", q.scalar_type());
