@@ -37,6 +37,11 @@ ARCH_VARIANTS = {
     "mistral": ("mistral", {}),
     # sliding-window attention: a window of 8 under prompts of up to 40 tokens
     "mistral_window8": ("mistral", {"sliding_window": 8}),
+    # Qwen2's sliding window on the layers from max_window_layers on (layer 0 global)
+    "qwen2_window8": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    ),
     # 5 sliding layers : 1 global, QK-norm, (1 + w) norms, GeGLU, scaled embeddings
     "gemma3": ("gemma3", {}),
 }

@@ -53,7 +53,7 @@ class Gemma3Attention(LlamaAttention):
     def __init__(
         self, cfg: ArchConfig, rotary: RotaryEmbedding, tp: TensorParallelGroup, sliding: bool
     ) -> None:
-        super().__init__(cfg, rotary, tp)
+        super().__init__(cfg, rotary, tp)  # its PagedAttention is replaced below
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -69,8 +69,24 @@ def check_tensor_parallel(cfg: ArchConfig, world_size: int) -> None:
         )
 
 
+def layer_window(cfg: ArchConfig, layer: int) -> int | None:
+    """The sliding window of ``layer``: the model's, on the layers ``layer_types`` marks
+    sliding (Qwen2's first max_window_layers are global), on every layer without them."""
+    if not cfg.sliding_window:
+        return None
+    if cfg.layer_types and cfg.layer_types[layer] != "sliding_attention":
+        return None
+    return cfg.sliding_window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self,
+        cfg: ArchConfig,
+        rotary: RotaryEmbedding,
+        tp: TensorParallelGroup,
+        window: int | None = None,
+    ) -> None:
         super().__init__()
         d = cfg.head_dim
         self.num_heads = tp.shard(cfg.num_heads, "the number of attention heads")
@@ -87,7 +103,7 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_bias, tp)
         self.rotary = rotary
-        self.attn = PagedAttention(self.scale, cfg.sliding_window)
+        self.attn = PagedAttention(self.scale, window)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata
@@ -115,9 +131,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, cfg: ArchConfig, rotary: RotaryEmbedding, tp: TensorParallelGroup, layer: int
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, tp)
+        self.self_attn = LlamaAttention(cfg, rotary, tp, layer_window(cfg, layer))
         self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -151,7 +169,7 @@ class LlamaModel(nn.Module):
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, rotary, tp, i) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
