@@ -15,7 +15,11 @@ from __future__ import annotations
 import torch
 
 from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata, DecodeMetadata
-from pagedllm.model_executor.backends.torch_attention import TorchAttentionBackend, window_matters
+from pagedllm.model_executor.backends.torch_attention import (
+    TorchAttentionBackend,
+    window_matters,
+    windowed_forward,
+)
 from pagedllm.model_executor.ops.native import NativeOps
 
 # Head sizes the decode kernel is instantiated for (generic/paged_attention.cpp).
@@ -53,23 +57,16 @@ class NativeAttentionBackend(TorchAttentionBackend):
         return f"{self.name} decode/verify kernels, fresh prefills on {prefill}"
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=None) -> torch.Tensor:
-        """A step of plain decodes runs a sliding window in the decode kernel; other steps
-        past a window run TorchAttentionBackend's windowed path."""
-        d = meta.decode
-        if (
-            window is not None
-            and d is not None
-            and not meta.prefills
-            and d.query_start_loc is None
-            and window_matters(meta, window)
-        ):
-            out = self.ops.paged_attention_decode(
-                q[: d.num_tokens], k_cache, v_cache, d.block_tables, d.seq_lens, scale,
-                d.max_seq_len, window,
-            )  # fmt: skip
-            if d.num_tokens == q.shape[0]:
-                return out
-            return torch.cat([out, q.new_zeros(q.shape[0] - d.num_tokens, *q.shape[1:])])
+        """Past a sliding window, the step's plain decodes run the decode kernel's window and
+        the rest the torch windowed path."""
+        if window is not None and window_matters(meta, window):
+
+            def decode_kernel(qd: torch.Tensor, d: DecodeMetadata) -> torch.Tensor:
+                return self.ops.paged_attention_decode(
+                    qd, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len, window
+                )
+
+            return windowed_forward(q, k, v, k_cache, v_cache, meta, scale, window, decode_kernel)
         return super().forward(q, k, v, k_cache, v_cache, meta, scale, window)
 
     def write_kv(self, k_cache, v_cache, k, v, slots) -> None:

@@ -21,6 +21,8 @@ each prefill is one SDPA on its fresh K/V, or, when part of its context is alrea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -257,14 +259,20 @@ def windowed_forward(
     meta: AttentionMetadata,
     scale: float,
     window: int,
+    decode_kernel: Callable[[torch.Tensor, DecodeMetadata], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Sliding-window attention in torch ops for every backend: each query row sees its last
-    ``window`` keys (itself included), as transformers' sliding-window mask does."""
+    """Sliding-window attention for every backend: each query row sees its last ``window``
+    keys (itself included), as transformers' sliding-window mask does. The step's decodes run
+    ``decode_kernel(q rows, decode metadata)`` (a backend's windowed decode kernel) when they
+    carry no drafts, else torch ops over their gathered blocks; prefills and chunks run SDPA
+    under a banded mask."""
     out = q.new_zeros(q.shape)
     gqa = q.shape[1] != k.shape[1]
     block_size = v_cache.shape[2]
-    if meta.decode is not None:
-        d = meta.decode
+    d = meta.decode
+    if d is not None and decode_kernel is not None and d.query_start_loc is None:
+        out[: d.num_tokens] = decode_kernel(q[: d.num_tokens], d)
+    elif d is not None:
         n = d.num_tokens
         q_lens = (
             torch.ones_like(d.seq_lens)
