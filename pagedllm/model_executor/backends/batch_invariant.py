@@ -27,7 +27,11 @@ from pagedllm.model_executor.backends.attention_metadata import AttentionMetadat
 from pagedllm.model_executor.backends.base import Backend
 from pagedllm.model_executor.backends.cpu_attention import NativeAttentionBackend
 from pagedllm.model_executor.backends.kernels import NativeKernels
-from pagedllm.model_executor.backends.linear import TorchLinearBackend
+from pagedllm.model_executor.backends.linear import (
+    TorchLinearBackend,
+    gguf_dequantized,
+    gguf_matmul,
+)
 from pagedllm.model_executor.ops.native import NativeOps
 
 
@@ -47,6 +51,8 @@ class BatchInvariantLinearBackend(TorchLinearBackend):
         return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
     def prepare(self, layer: Any) -> None:
+        if layer.qweight is not None:
+            return  # gguf_linear: one summation order per output already
         w = layer.weight.detach()
         if not self.can_pack(w):
             raise ValueError(
@@ -54,6 +60,9 @@ class BatchInvariantLinearBackend(TorchLinearBackend):
                 f"{w.device.type}"
             )
         layer.packed_weight = self.pack(w)
+
+    def quantized_rows(self, qweight: Any, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return gguf_dequantized(self.ops, qweight.rows_at(ids), dtype)
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         """[n, k] -> bi_linear's panels: [n/P, k, P], or VNNI pairs [n/P, k/2, P, 2] for bf16
@@ -66,6 +75,9 @@ class BatchInvariantLinearBackend(TorchLinearBackend):
         return w.view(-1, p, k).permute(0, 2, 1).contiguous()
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        if layer.qweight is not None:
+            y = gguf_matmul(self.ops, layer.qweight, x, batch_invariant=True)
+            return y if layer.bias is None else y + layer.bias
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).to(layer.packed_weight.dtype)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)

@@ -5,10 +5,12 @@ TorchLinearBackend: on CPU the weight is pre-packed once for oneDNN's blocked la
 (plain bf16 matmuls re-pack it on every call, which made small-batch decode slower in bf16 than
 in fp32) and in fp32 (packed fp32 against F.linear, the model's projections on AMD EPYC Zen 4:
 8.9 vs 16.7 ms at 16 rows, 37.6 vs 74.5 at 128, 148 vs 187 at 512, 621 vs 796 at 2,048);
-``--quantization int8`` steps of few rows use torch's int8 kernel.
-NativeLinearBackend adds one ISA's kernels: the int8 kernel for those small steps, and on AMX
+``--quantization int8`` steps of few rows use torch's int8 kernel; ``--quantization gguf``
+weights are decoded to dense ones once (it has no kernel for ggml blocks).
+NativeLinearBackend adds one ISA's kernels: the int8 kernel for those small steps, on AMX
 ``amx_linear`` for decode-sized steps, from a second copy of the weight in its tile layout (it
-streams the weights faster than oneDNN: x86/amx/amx_linear.cpp).
+streams the weights faster than oneDNN: x86/amx/amx_linear.cpp), and ``gguf_linear`` for
+weights kept in ggml blocks (generic/gguf_linear.cpp).
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ class TorchLinearBackend:
 
     def prepare(self, layer: Any) -> None:
         """Once the weight is final (loaded, converted): the packed copies this backend runs."""
+        if layer.qweight is not None:
+            weight = torch.cat([part.dequantize() for part in layer.qweight])
+            layer.weight.data = weight.to(layer.weight.device, layer.weight.dtype)
+            layer.qweight = None
         if self.can_pack(layer.weight):
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
                 layer.weight.detach(), PACK_BATCH_HINT
@@ -91,6 +97,10 @@ class TorchLinearBackend:
     def int8_matmul(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, w, scales.to(x.dtype))
 
+    def quantized_rows(self, qweight: Any, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of a GGUF table (embedding lookup), decoded to ``dtype``."""
+        return qweight.rows_at(ids).dequantize().to(ids.device, dtype)
+
 
 class NativeLinearBackend(TorchLinearBackend):
     def __init__(self, ops: NativeOps) -> None:
@@ -102,6 +112,8 @@ class NativeLinearBackend(TorchLinearBackend):
         return "amx_linear up to 1024 rows, oneDNN above" if self.amx else super().describe()
 
     def prepare(self, layer: Any) -> None:
+        if layer.qweight is not None:
+            return  # gguf_linear runs the blocks as they are
         super().prepare(layer)
         n, k = layer.weight.shape
         if (
@@ -114,6 +126,9 @@ class NativeLinearBackend(TorchLinearBackend):
             layer.amx_weight = pack_amx(layer.weight.detach())
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        if layer.qweight is not None:
+            out = self.quantized_matmul(layer.qweight, x)
+            return out if layer.bias is None else out + layer.bias
         if (
             layer.amx_weight is not None
             and x.dim() == 2
@@ -127,3 +142,25 @@ class NativeLinearBackend(TorchLinearBackend):
         if x.shape[1] % 16 or x.shape[0] > INT8_KERNEL_MAX_ROWS:
             return super().int8_matmul(x, w, scales)
         return self.ops.int8_linear(x, w, scales)
+
+    def quantized_matmul(self, qweight: tuple[Any, ...], x: torch.Tensor) -> torch.Tensor:
+        """x times the GGUF segments (output rows), concatenated; in x's dtype."""
+        return gguf_matmul(self.ops, qweight, x)
+
+    def quantized_rows(self, qweight: Any, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return gguf_dequantized(self.ops, qweight.rows_at(ids), dtype)
+
+
+def gguf_matmul(
+    ops: NativeOps, qweight: tuple[Any, ...], x: torch.Tensor, batch_invariant: bool = False
+) -> torch.Tensor:
+    """gguf_linear over each segment (the kernel picks its path by the row count, or keeps one
+    for every row count with ``batch_invariant``)."""
+    outs = [ops.gguf_linear(x, part.data, int(part.qtype), batch_invariant) for part in qweight]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def gguf_dequantized(ops: NativeOps, part: Any, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(part.shape, dtype=dtype)
+    ops.gguf_dequantize(part.data, int(part.qtype), out)
+    return out

@@ -1,6 +1,6 @@
 """Linear layers: the weight, and the copies its linear backend prepares once (oneDNN-packed
-bf16, an int8 copy for --quantization int8, AMX tiles); which kernel a step runs is the
-backend's choice (backends/linear.py)."""
+bf16, an int8 copy for --quantization int8, AMX tiles), or the GGUF blocks it keeps instead
+(--quantization gguf); which kernel a step runs is the backend's choice (backends/linear.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from pagedllm.distributed import TensorParallelGroup
 from pagedllm.model_executor.backends.base import TORCH_BACKEND
 from pagedllm.model_executor.backends.linear import quantize_weight_int8
+from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor, row_segments
 
 
 class Linear(nn.Linear):
@@ -20,6 +21,10 @@ class Linear(nn.Linear):
     amx_weight: torch.Tensor | None = None  # amx_linear's tile layout
     int8_weight: torch.Tensor | None = None  # [out, in] int8, with int8_scales [out]
     int8_scales: torch.Tensor | None = None
+    # --quantization gguf: the weight kept in ggml blocks, as output-row segments of one type
+    # each (stacked q|k|v may mix types); quant_shards collects them while loading.
+    qweight: tuple[GGUFTensor, ...] | None = None
+    quant_shards: dict[int, GGUFTensor] | None = None
     # Multi-LoRA (model_executor/lora.py): the step's adapters, set on the projections they
     # can change; this layer's name in them.
     lora_step: Any = None
@@ -29,8 +34,31 @@ class Linear(nn.Linear):
         """Keep a per-output-channel symmetric int8 copy of the weight for small steps."""
         self.int8_weight, self.int8_scales = quantize_weight_int8(self.weight)
 
+    def load_quantized(self, param: nn.Parameter, loaded: GGUFTensor, shard: int = 0) -> None:
+        """Keep a GGUF weight in its blocks; the dense weight is dropped now, so a model never
+        holds both."""
+        if param is not self.weight:
+            raise ValueError(f"{loaded.name}: a quantized tensor loaded into a bias")
+        if self.quant_shards is None:
+            self.quant_shards = {}
+        self.quant_shards[shard] = loaded
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def num_shards(self) -> int:
+        return 1
+
     def pack(self) -> None:
         """Call once the weight is final (loaded, converted)."""
+        if self.quant_shards is not None:
+            parts = [self.quant_shards.get(i) for i in range(self.num_shards())]
+            if None in parts:
+                name = next(p.name for p in parts if p is not None)
+                raise ValueError(
+                    f"{name}: its layer mixes quantized and dense checkpoint tensors;"
+                    " --quantization gguf needs all of them quantized"
+                )
+            self.qweight = tuple(row_segments(parts))
+            self.quant_shards = None
         self.linear_backend.prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,10 +78,21 @@ class ColumnParallelLinear(Linear):
         self.shards = shards
         self.shard_offsets = [sum(rows for _, _, rows in shards[:i]) for i in range(len(shards))]
 
+    def num_shards(self) -> int:
+        return len(self.shards)
+
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int) -> None:
         full, first, rows = self.shards[shard]
         if loaded.shape[0] != full:
             raise ValueError(f"shard {shard} has {loaded.shape[0]} rows, expected {full}")
+        if isinstance(loaded, GGUFTensor):
+            self.load_quantized(param, loaded.rows(first, rows), shard)
+            return
+        if param is self.weight and self.quant_shards is not None:
+            raise ValueError(
+                f"shard {shard}: mixes quantized and dense checkpoint tensors;"
+                " --quantization gguf needs all of them quantized"
+            )
         start = self.shard_offsets[shard]
         param.data[start : start + rows].copy_(loaded[first : first + rows])
 
@@ -79,11 +118,14 @@ class RowParallelLinear(Linear):
             param.data.copy_(loaded if self.tp.is_driver else torch.zeros_like(loaded))
             return
         cols = self.in_features
-        if loaded.shape != (self.out_features, cols * self.tp.world_size):
+        if tuple(loaded.shape) != (self.out_features, cols * self.tp.world_size):
             raise ValueError(
                 f"checkpoint shape {tuple(loaded.shape)} != "
                 f"{(self.out_features, cols * self.tp.world_size)}"
             )
+        if isinstance(loaded, GGUFTensor):
+            self.load_quantized(param, loaded.columns(self.tp.rank * cols, cols))
+            return
         param.data.copy_(loaded[:, self.tp.rank * cols : (self.tp.rank + 1) * cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

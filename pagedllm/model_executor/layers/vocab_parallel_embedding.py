@@ -1,6 +1,8 @@
 """The vocabulary split across tensor-parallel ranks: each rank holds ceil(V / N) rows of the
 embedding table (the last rank's tail zero-padded), looks up the tokens that fall in its range
-and all-reduces; the lm_head computes its rows' logits and rank 0 gathers them for sampling."""
+and all-reduces; the lm_head computes its rows' logits and rank 0 gathers them for sampling.
+Under --quantization gguf the table stays in its blocks; looked-up rows are decoded, and a tied
+lm_head multiplies by the same blocks."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import TensorParallelGroup
+from pagedllm.model_executor.backends.base import TORCH_BACKEND
+from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
 from pagedllm.model_executor.layers.linear import Linear
 
 
@@ -16,13 +20,20 @@ def _padded_rows(vocab_size: int, tp: TensorParallelGroup) -> int:
     return -(-vocab_size // tp.world_size)
 
 
+def _check_vocab_shape(loaded, vocab_size: int, hidden_size: int) -> None:
+    if tuple(loaded.shape) != (vocab_size, hidden_size):
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {(vocab_size, hidden_size)}")
+
+
+def _quantized_vocab_rows(loaded: GGUFTensor, rows: int, tp: TensorParallelGroup) -> GGUFTensor:
+    first = tp.rank * rows
+    return loaded.rows(first, max(0, min(rows, loaded.shape[0] - first))).padded_rows(rows)
+
+
 def _load_vocab_rows(
     param: nn.Parameter, loaded: torch.Tensor, vocab_size: int, tp: TensorParallelGroup
 ) -> None:
-    if loaded.shape[0] != vocab_size or loaded.shape[1:] != param.shape[1:]:
-        raise ValueError(
-            f"checkpoint shape {tuple(loaded.shape)} != {(vocab_size, *param.shape[1:])}"
-        )
+    _check_vocab_shape(loaded, vocab_size, param.shape[1])
     rows = param.shape[0]
     first = tp.rank * rows
     mine = loaded[first : min(first + rows, vocab_size)]
@@ -31,6 +42,9 @@ def _load_vocab_rows(
 
 
 class VocabParallelEmbedding(nn.Embedding):
+    linear_backend = TORCH_BACKEND.linear  # bound by the model runner: decodes quantized rows
+    qweight: GGUFTensor | None = None  # --quantization gguf: this rank's rows, in blocks
+
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
         super().__init__(_padded_rows(vocab_size, tp), hidden_size)
         self.vocab_size = vocab_size
@@ -38,14 +52,24 @@ class VocabParallelEmbedding(nn.Embedding):
         self.first = tp.rank * self.num_embeddings
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if isinstance(loaded, GGUFTensor):
+            _check_vocab_shape(loaded, self.vocab_size, self.embedding_dim)
+            self.qweight = _quantized_vocab_rows(loaded, self.num_embeddings, self.tp)
+            param.data = param.data.new_empty(0)
+            return
         _load_vocab_rows(param, loaded, self.vocab_size, self.tp)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None:
+            return F.embedding(ids, self.weight)
+        return self.linear_backend.quantized_rows(self.qweight, ids, self.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return super().forward(input_ids)
+            return self._lookup(input_ids)
         local = input_ids - self.first
         outside = (local < 0) | (local >= self.num_embeddings)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._lookup(local.masked_fill(outside, 0))
         return self.tp.all_reduce(out.masked_fill_(outside.unsqueeze(-1), 0))
 
 
@@ -57,8 +81,25 @@ class ParallelLMHead(Linear):
         self.vocab_size = vocab_size
         self.tp = tp
 
+    # The embedding whose table this layer multiplies by (a tuple: not a registered submodule).
+    tied_to: tuple[VocabParallelEmbedding, ...] = ()
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        """tie_word_embeddings: the embedding table is this layer's weight (dense or quantized)."""
+        self.weight = embedding.weight
+        self.tied_to = (embedding,)
+
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if isinstance(loaded, GGUFTensor):
+            _check_vocab_shape(loaded, self.vocab_size, self.in_features)
+            self.load_quantized(param, _quantized_vocab_rows(loaded, self.out_features, self.tp))
+            return
         _load_vocab_rows(param, loaded, self.vocab_size, self.tp)
+
+    def pack(self) -> None:
+        if self.tied_to and self.tied_to[0].qweight is not None:
+            self.quant_shards = {0: self.tied_to[0].qweight}
+        super().pack()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[T, V] on rank 0 (gathered from every rank); None on the others."""

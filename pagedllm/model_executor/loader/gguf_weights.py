@@ -1,4 +1,6 @@
-"""Stream a GGUF file's tensors as HF-named float32 torch tensors (dequantized, q/k unpermuted)."""
+"""Stream a GGUF file's tensors as HF-named float32 torch tensors (dequantized, q/k unpermuted),
+or with ``keep_quantized`` its quantized matmul weights as GGUFTensor blocks (--quantization
+gguf)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
+from pagedllm.model_executor.layers.gguf_tensor import (
+    KERNEL_TYPES,
+    UNQUANTIZED_TYPES,
+    GGUFTensor,
+)
 from pagedllm.model_executor.loader.gguf_reader import open_gguf, read_metadata
 
 logger = logging.getLogger(__name__)
@@ -22,7 +29,6 @@ _PERMUTED_ARCHS = frozenset({"llama"})
 SUPPORTED_GGUF_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma3"})
 # llama.cpp writes Gemma's RMSNorm weights as the factor 1 + w; HF checkpoints hold w.
 _NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
-
 _GLOBAL_NAMES = MappingProxyType(
     {
         "token_embd": "model.embed_tokens",
@@ -60,10 +66,14 @@ _ARCH_BLOCK_NAMES = MappingProxyType(
 )
 
 
-def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (hf_name, float32 tensor) for every known tensor, one tensor in memory at a time.
+def iter_gguf_weights(
+    path: str, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+    """Yield (hf_name, float32 tensor) for every known tensor, one tensor in memory at a time;
+    with ``keep_quantized`` every quantized 2-D weight comes as a GGUFTensor instead.
 
-    The file is opened and checked now, so a bad file fails at the call, not at the first tensor.
+    The file is opened and checked now, so a bad file fails at the call, not at the first tensor
+    (and, with ``keep_quantized``, a tensor type no kernel runs fails here too).
     """
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -75,17 +85,55 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         )
     n_head = meta.get(f"{arch}.attention.head_count")
     n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
-    return _generate(path, reader, arch, n_head, n_head_kv)
+    if keep_quantized:
+        _check_kernel_types(path, reader, arch)
+    return _generate(path, reader, arch, n_head, n_head_kv, keep_quantized)
+
+
+def _kept_quantized(tensor: ReaderTensor) -> bool:
+    """Matmul weights stay as stored: quantized ones, and unquantized ones whose rows the kernel
+    takes (so a layer stacking q|k|v is all blocks); norms and odd widths come decoded."""
+    if len(tensor.shape) != 2:
+        return False
+    return tensor.tensor_type not in UNQUANTIZED_TYPES or int(tensor.shape[0]) % 32 == 0
+
+
+def _check_kernel_types(path: str, reader: GGUFReader, arch: str) -> None:
+    for tensor in reader.tensors:
+        if (
+            hf_tensor_name(tensor.name, arch) is not None
+            and _kept_quantized(tensor)
+            and tensor.tensor_type not in KERNEL_TYPES
+        ):
+            runs = ", ".join(sorted(t.name for t in KERNEL_TYPES))
+            raise ValueError(
+                f"{path}: tensor {tensor.name} has GGML type {tensor.tensor_type.name}, which"
+                f" --quantization gguf cannot run (it runs {runs}); load the file without"
+                " --quantization to dequantize it"
+            )
 
 
 def _generate(
-    path: str, reader: GGUFReader, arch: str, n_head: Any, n_head_kv: Any
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str, reader: GGUFReader, arch: str, n_head: Any, n_head_kv: Any, keep_quantized: bool
+) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
     permuted = arch in _PERMUTED_ARCHS
     for tensor in reader.tensors:
         hf_name = hf_tensor_name(tensor.name, arch)
         if hf_name is None:
             logger.debug("%s: skipping GGUF tensor %s (not an HF parameter)", path, tensor.name)
+            continue
+        if keep_quantized and _kept_quantized(tensor):
+            # A copy (the file is only mapped), as bytes whatever gguf-py's element type.
+            blocks = np.array(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
+            if permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+                layer = int(tensor.name.split(".")[1])
+                heads = n_head if ".attn_q." in tensor.name else n_head_kv
+                blocks = unpermute_qk(blocks, _per_layer(heads, layer, path, tensor.name))
+            qtype = GGMLQuantizationType(int(tensor.tensor_type))
+            yield (
+                hf_name,
+                GGUFTensor(qtype, torch.from_numpy(blocks), int(tensor.shape[0]), tensor.name),
+            )
             continue
         weights = _dequantize(path, tensor)
         if arch in _NORM_PLUS_ONE_ARCHS and hf_name.endswith("norm.weight"):

@@ -155,7 +155,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.model = Gemma3Model(cfg, tp)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie_to(self.model.embed_tokens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Norm weights w are stored as the factor they multiply by, 1 + w (in fp32, as

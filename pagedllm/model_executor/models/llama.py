@@ -20,6 +20,7 @@ from pagedllm.distributed import TensorParallelGroup, single_rank
 from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata
 from pagedllm.model_executor.layers.activation import SiluAndMul
 from pagedllm.model_executor.layers.attention import PagedAttention
+from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
 from pagedllm.model_executor.layers.layernorm import RMSNorm
 from pagedllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -197,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, tp)
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie_to(self.model.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -210,6 +211,8 @@ class LlamaForCausalLM(nn.Module):
         other tensor-parallel ranks). Left unwidened: greedy decoding takes the argmax of bf16
         logits as they are (exact), the sampler widens the rest to fp32 (a [B, V] fp32 copy was
         4 ms of a 110 ms decode step at B=160)."""
+        if self.lm_head.qweight is not None:  # fp32 logits from the blocks
+            return self.lm_head.logits(hidden)
         weight = self.lm_head.weight
         return self.lm_head.logits(
             hidden if weight.dtype == hidden.dtype else hidden.to(weight.dtype)
@@ -247,7 +250,10 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(
                         f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
                     )
-                param.data.copy_(tensor)
+                if isinstance(tensor, GGUFTensor):
+                    module.load_quantized(param, tensor)
+                else:
+                    param.data.copy_(tensor)
                 loaded.add(target)
             else:
                 module.load_shard(param, tensor, shard)

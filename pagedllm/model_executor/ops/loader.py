@@ -35,6 +35,7 @@ SOURCES = (
     "generic/token_bitmask.cpp",
     "generic/lora.cpp",
     "generic/int8_linear.cpp",
+    "generic/gguf_linear.cpp",
     "generic/batch_invariant_linear.cpp",
     "x86/amx/amx_prefill_attention.cpp",
     "x86/amx/amx_linear.cpp",

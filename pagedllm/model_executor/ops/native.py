@@ -88,6 +88,15 @@ class NativeOps:
     def bi_linear(self, x, wp, bias, n: int) -> torch.Tensor:
         return self._ops.bi_linear(x.contiguous(), wp, bias, n)
 
+    def gguf_linear(self, x, w, qtype: int, batch_invariant: bool = False) -> torch.Tensor:
+        """x [M, K] times the GGUF rows w (uint8 [N, row_bytes] of GGML type ``qtype``)^T;
+        ``batch_invariant``: one kernel for every row count (--deterministic)."""
+        return self._ops.gguf_linear(x, w, qtype, batch_invariant)
+
+    def gguf_dequantize(self, w, qtype: int, out) -> None:
+        """Decode the GGUF rows w into ``out`` [N, K] (fp32, bf16 or fp16)."""
+        self._ops.gguf_dequantize(w, qtype, out)
+
     @functools.cached_property
     def bi_linear_panel(self) -> int:
         """Output columns per weight panel of bi_linear (four of the ISA's registers)."""

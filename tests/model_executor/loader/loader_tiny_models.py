@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize, quantize
 from transformers import (
     LlamaConfig,
@@ -51,6 +52,37 @@ LLAMA_QUANT_PLAN: Mapping[str, GGMLQuantizationType] = {
     "ffn_down": Q.Q4_1,
     "output": Q.F16,
 }
+
+
+# Where each format keeps its fp16 scales (byte offsets in a block), for random_blocks.
+_HALF_FIELDS = {
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q8_0: (0,),
+    Q.Q4_K: (0, 2),
+    Q.Q6_K: (208,),
+}
+# fp16 scales that keep weights within ~0.5 for each format's integer range.
+_HALF_SCALE = {Q.Q4_K: 3e-4, Q.Q6_K: 5e-5}
+
+
+def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng) -> np.ndarray:
+    """uint8 [rows, row_bytes]: random ggml blocks of ``qtype`` (any bit pattern is a valid
+    block once its fp16 scales are finite): the K-quants, which gguf-py cannot quantize into,
+    get weights this way; unquantized types are random values stored as that type."""
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        values = rng.standard_normal((rows, cols)).astype(np.float32) * 0.5
+        if qtype == Q.BF16:
+            return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        return values.astype(np.float32 if qtype == Q.F32 else np.float16).view(np.uint8)
+    bw, bb = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // bw, bb), dtype=np.uint8)
+    scale = _HALF_SCALE.get(qtype, 0.05)
+    for off in _HALF_FIELDS[qtype]:
+        halves = rng.uniform(-scale, scale, size=(rows, cols // bw)).astype(np.float16)
+        raw[:, :, off : off + 2] = halves.view(np.uint8).reshape(rows, cols // bw, 2)
+    return raw.reshape(rows, -1)
 
 
 def tiny_llama(tie_word_embeddings: bool = False, attention_bias: bool = True) -> LlamaForCausalLM:
@@ -146,7 +178,13 @@ def write_gguf(
             writer.add_tensor(name_gguf, half)
             stored = half.astype(np.float32)
         else:
-            blocks = quantize(values, qtype)
+            # gguf-py cannot quantize into K-quants: those tensors get random blocks (the
+            # expected values are what they decode to, not the model's)
+            blocks = (
+                random_blocks(qtype, *values.shape, np.random.default_rng(len(expected)))
+                if qtype in (Q.Q4_K, Q.Q6_K)
+                else quantize(values, qtype)
+            )
             writer.add_tensor(name_gguf, blocks, raw_dtype=qtype)
             stored = dequantize(blocks, qtype).astype(np.float32).reshape(values.shape)
         expected[hf_name] = unpermute_qk(stored, heads) if heads is not None else stored

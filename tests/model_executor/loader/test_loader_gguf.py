@@ -180,3 +180,37 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(ValueError, match="architecture 'mamba' is not supported"):
         iter_weights(resolve_model(path))
     assert os.path.getsize(path) > 0
+
+
+def test_keep_quantized_yields_the_files_blocks(llama_gguf):
+    """--quantization gguf: every 2-D weight comes as its blocks (q/k rows back in HF order),
+    decoding to exactly what the dequantizing loader yields; norms and biases come dense."""
+    from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
+
+    _, path, expected = llama_gguf
+    kinds = {}
+    for name, tensor in iter_weights(resolve_model(path), "gguf"):
+        if isinstance(tensor, GGUFTensor):
+            kinds[name] = tensor.qtype
+            assert tensor.name == gguf_name(name)
+            assert torch.equal(tensor.dequantize(), torch.from_numpy(expected[name])), name
+        else:
+            assert tensor.ndim == 1 and torch.equal(tensor, torch.from_numpy(expected[name]))
+    assert kinds["model.layers.0.self_attn.q_proj.weight"] == Q.Q4_0
+    assert kinds["model.layers.0.self_attn.v_proj.weight"] == Q.F16  # stored unquantized
+    assert kinds["model.embed_tokens.weight"] == Q.Q8_0
+    assert len(kinds) == sum(v.ndim == 2 for v in expected.values())
+
+
+def test_keep_quantized_refuses_a_type_without_a_kernel(llama_gguf, monkeypatch):
+    _, path, _ = llama_gguf
+    monkeypatch.setattr(
+        gguf_weights, "KERNEL_TYPES", gguf_weights.KERNEL_TYPES - {GGMLQuantizationType.Q4_0}
+    )
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight has GGML type Q4_0.*without"):
+        iter_weights(resolve_model(path), "gguf")
+
+
+def test_keep_quantized_needs_a_gguf_file(tiny_llama_dir):
+    with pytest.raises(ValueError, match="not a GGUF model"):
+        iter_weights(resolve_model(tiny_llama_dir), "gguf")

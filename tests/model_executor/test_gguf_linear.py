@@ -1,0 +1,80 @@
+"""gguf_linear / gguf_dequantize (--quantization gguf) against gguf-py's reference decoder, on
+every ISA this machine runs: every format decodes bit for bit, products match fp32 matmuls of
+the decoded weights, and a row's result does not depend on the other rows of the batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize
+
+from pagedllm.model_executor.layers.gguf_tensor import KERNEL_TYPES
+from tests.model_executor.loader.loader_tiny_models import random_blocks
+
+TYPES = sorted(KERNEL_TYPES, key=int)
+
+
+def _weights(qtype: Q, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [rows, row_bytes], gguf-py's decoding of them in fp32 [rows, cols])."""
+    blocks = random_blocks(qtype, rows, cols, np.random.default_rng(seed))
+    ref = dequantize(blocks, qtype).reshape(rows, cols).astype(np.float32)
+    return torch.from_numpy(blocks), torch.from_numpy(ref)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_gguf_py_bit_for_bit(ops, qtype):
+    w, ref = _weights(qtype, 37, 512)
+    out = torch.empty(37, 512)
+    ops.gguf_dequantize(w, int(qtype), out)
+    assert torch.equal(out, ref)
+    out16 = torch.empty(37, 512, dtype=torch.bfloat16)
+    ops.gguf_dequantize(w, int(qtype), out16)
+    assert torch.equal(out16, ref.bfloat16())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 17, 33, 130, 300])
+def test_linear_matches_matmul_of_decoded_weights(ops, qtype, m):
+    """Every row count (each kernel path: per-row decoding, 64-row panels past 32 rows)."""
+    w, ref = _weights(qtype, 70, 768, seed=m)
+    x = torch.randn(m, 768)
+    y = ops.gguf_linear(x, w, int(qtype))
+    assert y.dtype == torch.float32 and y.shape == (m, 70)
+    torch.testing.assert_close(y, x @ ref.T, rtol=1e-5, atol=1e-4)
+    # bf16 x: the weights as a bf16 model holds them (rounded to bf16), fp32 sums, bf16 out
+    yb = ops.gguf_linear(x.bfloat16(), w, int(qtype))
+    assert yb.dtype == torch.bfloat16
+    refb = x.bfloat16().float() @ ref.bfloat16().float().T
+    scale = refb.abs().max().item()
+    torch.testing.assert_close(yb.float(), refb, rtol=1e-2, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.F16], ids=lambda t: t.name)
+def test_each_row_is_batch_invariant(ops, qtype):
+    """--deterministic (batch_invariant): a row's bits alone == in any batch, fp32 and bf16."""
+    w, _ = _weights(qtype, 96, 512)
+    for x in (torch.randn(70, 512), torch.randn(70, 512).bfloat16()):
+        alone = torch.cat([ops.gguf_linear(x[i : i + 1], w, int(qtype), True) for i in range(70)])
+        for m in (3, 8, 13, 17, 40, 70):
+            assert torch.equal(ops.gguf_linear(x[:m], w, int(qtype), True), alone[:m])
+
+
+def test_bad_shapes_and_types_are_refused(ops):
+    w, _ = _weights(Q.Q4_0, 4, 64)
+    with pytest.raises(RuntimeError, match="multiple of the block"):
+        ops.gguf_linear(torch.randn(1, 48), w[:, :27].contiguous(), int(Q.Q4_0))
+    with pytest.raises(RuntimeError, match="does not hold"):
+        ops.gguf_linear(torch.randn(1, 96), w, int(Q.Q4_0))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        ops.gguf_linear(torch.randn(1, 64), w, int(Q.Q2_K))
+
+
+def test_block_sizes_agree_with_gguf_py():
+    """The kernel's block layouts are ggml's (the sizes gguf-py knows)."""
+    for qtype in TYPES:
+        bw, bb = GGML_QUANT_SIZES[qtype]
+        blocks = random_blocks(qtype, 2, 256, np.random.default_rng(0))
+        assert blocks.shape == (2, 256 // bw * bb)
