@@ -110,6 +110,28 @@ def test_smollm2_tp3_greedy_equals_tp1(default_gguf, smol_llm, backend, request)
         assert llm.engine.executor.collective_rpc("num_request_states", all_ranks=True) == [0] * 3
 
 
+def test_smollm2_tp3_kept_quantized_greedy_equals_tp1(default_gguf, smol_llm):
+    """--quantization gguf at TP 3: q|k|v and gate|up split by rows of blocks, o and down by
+    whole blocks of their inputs (192 and 512 columns: 6 and 16 Q4_1 blocks), the Q8_0
+    vocabulary by rows; the fp32 greedy tokens are TP 1's with the weights dequantized."""
+    chats = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS[:4]]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in smol_llm.chat(chats, params, use_tqdm=False)]
+    with LLM(
+        default_gguf,
+        dtype="float32",
+        quantization="gguf",
+        tensor_parallel_size=3,
+        kv_cache_memory=64 * 2**20,
+        max_model_len=2048,
+    ) as llm:
+        assert llm.engine.runner.model.model.layers[0].self_attn.o_proj.qweight is not None
+        got = [o.outputs[0].token_ids for o in llm.chat(chats, params, use_tqdm=False)]
+        assert got == want
+        llm.engine.step()
+        assert_no_leak(llm.engine)
+
+
 def test_tp2_on_smollm2_fails_fast_naming_the_heads(default_gguf):
     t0 = time.monotonic()
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 2 .* 9 attention heads and 3 kv"):
