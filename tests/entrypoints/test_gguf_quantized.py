@@ -1,7 +1,7 @@
 """--quantization gguf on the real SmolLM2 Q4_1 file: its blocks stay in memory as the file
 holds them (the resident weights no bigger than 1.2x the file) and the model computes what
 transformers computes from the same file dequantized: greedy tokens identical in fp32, one
-request at a time (the per-row kernel) and batched past 32 rows (the panel kernel); bf16
+request at a time (the per-row kernel) and batched past 40 rows (the panel kernel); bf16
 answers sensibly. No KV block is left behind."""
 
 from __future__ import annotations
@@ -84,14 +84,24 @@ def test_greedy_in_a_batch_of_40_matches_transformers(smol_q, chat_ids, hf_outpu
     assert_no_leak(smol_q.engine)
 
 
+QUESTIONS = [  # (question, the word its answer must hold)
+    ("What is the capital of Japan?", "Tokyo"),
+    ("What is 2 + 2?", "4"),
+    ("Which planet is known as the Red Planet?", "Mars"),
+]
+
+
 def test_bf16_answers(default_gguf):
+    """bf16 (weights rounded to bf16 as they are decoded), one request at a time (per-row
+    kernel, prefill included) and the three together. (Not the France question: its first
+    token is a near-tie of "The" and "L" in bf16, docs/architecture.md.)"""
     llm = LLM(default_gguf, dtype="bfloat16", quantization="gguf", max_model_len=1024)
-    out = llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(temperature=0.0, max_tokens=24),
-        use_tqdm=False,
-    )[0]
-    assert "Paris" in out.outputs[0].text
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    chats = [[{"role": "user", "content": q}] for q, _ in QUESTIONS]
+    alone = [llm.chat(c, params, use_tqdm=False)[0] for c in chats]
+    together = llm.chat(chats, params, use_tqdm=False)
+    for (_, word), a, b in zip(QUESTIONS, alone, together):
+        assert word in a.outputs[0].text and word in b.outputs[0].text
     assert_no_leak(llm.engine)
 
 

@@ -13,7 +13,7 @@
 // takes a few through every group of x before the next (they stay in L1). fp32 x: fp32 FMAs on
 // the decoded weights (exactly the decoded model's products); bf16 x with AVX512-BF16: the
 // weights rounded to bf16 (as a bf16 model holds them) and vdpbf16ps.
-// Bigger steps are bound by arithmetic and its reductions: on AVX-512 each panel of 64 output
+// Bigger steps (40 rows and up) are bound by arithmetic: on AVX-512 each panel of 64 output
 // rows is decoded once per chunk of rows of x, transposed in registers into the layout of the
 // register-tiled GEMM of common/panel_gemm.h (the batch-invariant linear's), and run there.
 // batch_invariant (--deterministic) keeps every step on the first kernel: each row's sums then
@@ -282,6 +282,33 @@ void gemv_f32(const float* x, int64_t m, const uint8_t* w, int64_t row_bytes, in
 }
 
 #if defined(__AVX512BF16__)
+// r[i] (16 lanes of 32 bits) <- column i of the 16 x 16 matrix whose rows are r.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j + 0] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
+    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+    t[j + 8] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+    t[j + 12] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j + 0] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+    r[j + 4] = _mm512_shuffle_i32x4(t[j + 4], t[12 + j], 0x88);
+    r[j + 12] = _mm512_shuffle_i32x4(t[j + 4], t[12 + j], 0xdd);
+  }
+}
+
 // As gemv_rows, on bf16: each decoded sub-block rounded to 32 bf16 (one register) and one
 // vdpbf16ps per row of x (xb [M, K] bf16).
 template <int64_t T, int M>
@@ -290,6 +317,11 @@ void gemv_rows_bf16(const c10::BFloat16* xb, const uint8_t* w, int64_t row_bytes
   using F = Fmt<T>;
   constexpr int kSubs = F::kBlock / 32;
   const int64_t blocks = k / F::kBlock;
+  // Each output's 16 lane sums wait here and are added up 16 outputs at a time (a transpose and
+  // 15 adds rather than a horizontal sum per output, which with K = 576 cost as much as the
+  // dot products: 16 rows of x over the model's projections 10.6 -> 8.9 ms).
+  static_assert(kRowsPerTask == 16, "a task's outputs are reduced 16 at a time");
+  alignas(64) float parts[M][16][16];
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
     __builtin_prefetch(row + 2 * row_bytes, 0, 1);
@@ -310,8 +342,19 @@ void gemv_rows_bf16(const c10::BFloat16* xb, const uint8_t* w, int64_t row_bytes
           acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(xb + m * k + j), wv);
       }
     }
-    for (int m = 0; m < M; ++m)
-      out[m * ldo + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[m]));
+    for (int m = 0; m < M; ++m) _mm512_store_ps(parts[m][r - r0], acc[m]);
+  }
+  const int rows = static_cast<int>(r1 - r0);
+  for (int m = 0; m < M; ++m) {
+    __m512i v[16];
+    for (int i = 0; i < 16; ++i)
+      v[i] = i < rows ? _mm512_load_si512(parts[m][i]) : _mm512_setzero_si512();
+    transpose16(v);
+    __m512 sum = reinterpret_cast<__m512>(v[0]);
+    for (int l = 1; l < 16; ++l) sum = _mm512_add_ps(sum, reinterpret_cast<__m512>(v[l]));
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, sum);
+    for (int i = 0; i < rows; ++i) out[m * ldo + r0 + i] = c10::BFloat16(sums[i]);
   }
 }
 
@@ -350,36 +393,9 @@ constexpr int64_t kDenseMinRowsF32 = 64, kDenseMinRowsBf16 = 12;
 #endif
 
 #if defined(__AVX512BF16__)
-constexpr int64_t kPanelMinRows = 24;  // steps with at least this many rows take the panels
+constexpr int64_t kPanelMinRows = 40;  // steps with at least this many rows take the panels
 using pagedllm::panel::kP;
 static_assert(kP == 64, "panels of four 16-lane registers");
-
-// r[i] (16 lanes of 32 bits) <- column i of the 16 x 16 matrix whose rows are r.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    t[j + 0] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88);
-    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
-    t[j + 8] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
-    t[j + 12] = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j + 0] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-    r[j + 4] = _mm512_shuffle_i32x4(t[j + 4], t[12 + j], 0x88);
-    r[j + 12] = _mm512_shuffle_i32x4(t[j + 4], t[12 + j], 0xdd);
-  }
-}
 
 // Output rows [c0, c0 + 64) of W (zeros past n) as a panel: bf16 pairs [K/2][64][2] (Pairs) or
 // fp32 [K][64]. Sixteen rows' sub-blocks at a time, decoded, transposed, stored whole lines.
