@@ -42,10 +42,6 @@ class GGUFTensor:
     def shape(self) -> tuple[int, int]:
         return (self.data.shape[0], self.cols)
 
-    @property
-    def block_weights(self) -> int:
-        return GGML_QUANT_SIZES[self.qtype][0]
-
     def rows(self, first: int, count: int) -> GGUFTensor:
         return GGUFTensor(self.qtype, self.data[first : first + count], self.cols, self.name)
 
