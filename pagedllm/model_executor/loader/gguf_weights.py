@@ -125,10 +125,8 @@ def _generate(
         if keep_quantized and _kept_quantized(tensor):
             # A copy (the file is only mapped), as bytes whatever gguf-py's element type.
             blocks = np.array(tensor.data).view(np.uint8).reshape(int(tensor.shape[1]), -1)
-            if permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
-                layer = int(tensor.name.split(".")[1])
-                heads = n_head if ".attn_q." in tensor.name else n_head_kv
-                blocks = unpermute_qk(blocks, _per_layer(heads, layer, path, tensor.name))
+            if permuted:
+                blocks = _hf_row_order(blocks, tensor.name, n_head, n_head_kv, path)
             qtype = GGMLQuantizationType(int(tensor.tensor_type))
             yield (
                 hf_name,
@@ -138,11 +136,18 @@ def _generate(
         weights = _dequantize(path, tensor)
         if arch in _NORM_PLUS_ONE_ARCHS and hf_name.endswith("norm.weight"):
             weights -= 1.0
-        if permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
-            layer = int(tensor.name.split(".")[1])
-            heads = n_head if ".attn_q." in tensor.name else n_head_kv
-            weights = unpermute_qk(weights, _per_layer(heads, layer, path, tensor.name))
+        if permuted:
+            weights = _hf_row_order(weights, tensor.name, n_head, n_head_kv, path)
         yield hf_name, torch.from_numpy(weights)
+
+
+def _hf_row_order(rows: np.ndarray, name: str, n_head: Any, n_head_kv: Any, path: str):
+    """q/k rows (values or whole rows of blocks) back in HF order; other tensors as they are."""
+    if ".attn_q." not in name and ".attn_k." not in name:
+        return rows
+    layer = int(name.split(".")[1])
+    heads = n_head if ".attn_q." in name else n_head_kv
+    return unpermute_qk(rows, _per_layer(heads, layer, path, name))
 
 
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
