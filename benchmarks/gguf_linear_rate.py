@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """--quantization gguf's matmuls against the dense bf16 ones, on the real default model: every
 projection of SmolLM2-135M's Q4_1 file (q|k|v and gate|up stacked as the engine stacks them,
-and the Q8_0 embedding table as the tied lm_head) through ``gguf_linear``, against the same
+and the Q8_0 embedding table as the tied lm_head) through ``quant_linear``, against the same
 weights decoded to bf16 and packed for oneDNN (what the engine runs without the flag), at
 several row counts. All 121 projections per pass, so the weights come from memory as in the
 engine. Prints the median time of one pass and the ratio (quantized / dense).
@@ -25,7 +25,7 @@ sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
 from pagedllm.cpu_info import cpu_model  # noqa: E402
 from pagedllm.model_executor.backends.linear import PACK_BATCH_HINT  # noqa: E402
-from pagedllm.model_executor.layers.gguf_tensor import row_segments  # noqa: E402
+from pagedllm.model_executor.layers.quant_tensor import row_segments  # noqa: E402
 from pagedllm.model_executor.loader import ensure_default_model  # noqa: E402
 from pagedllm.model_executor.loader.gguf_weights import iter_gguf_weights  # noqa: E402
 from pagedllm.model_executor.ops import native_ops  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> int:
             for segs in projs:
                 x = xs[segs[0].cols]
                 for s in segs:
-                    ops.gguf_linear(x, s.data, int(s.qtype))
+                    ops.quant_linear(x, s.data, int(s.qtype))
 
         def packed(xs=xs):
             for segs, w in zip(projs, dense):

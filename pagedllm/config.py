@@ -18,7 +18,9 @@ from pagedllm.cpu_info import has_native_bf16
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")  # auto: the model dtype
-QUANTIZATIONS = (None, "int8", "gguf")
+# int8 and gguf are chosen by the flag; the others are a checkpoint's own (config.json's
+# quantization_config, read at load whether or not the flag names them).
+QUANTIZATIONS = (None, "int8", "gguf", "awq", "gptq", "compressed-tensors")
 # vLLM's --runner / --convert: what the engine runs the model for.
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed")

@@ -111,6 +111,35 @@ def load_hf_model(model_dir: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def load_runner(path: str, backend: str, block_size: int, quantization: str | None = None):
+    """A fp32 ModelRunner on ``backend`` holding the model at ``path`` (a quantized checkpoint's
+    method read from its config), with ``4096 // block_size`` KV blocks."""
+    from pagedllm.model_executor.loader import (
+        iter_weights,
+        load_hf_config,
+        resolve_model,
+        resolve_quantization,
+    )
+    from pagedllm.model_executor.model_runner import ModelRunner
+    from pagedllm.model_executor.models.hf_config import arch_config_from_hf
+
+    source = resolve_model(path)
+    arch = arch_config_from_hf(load_hf_config(source))
+    quantization = resolve_quantization(source, quantization)
+    runner = ModelRunner(
+        arch,
+        "float32",
+        torch.device("cpu"),
+        "auto",
+        quantization,
+        block_size=block_size,
+        backend=get_backend(backend, torch.float32),
+    )
+    runner.load_weights(iter_weights(source, quantization))
+    runner.allocate_kv_cache(4096 // block_size, block_size)
+    return runner
+
+
 def check_logits_parity(forward, model_dir, block_size, max_batched, kv_cache_dtype="auto"):
     """Run 4 requests of different lengths through the real scheduler, with ``forward(out) ->
     (step requests, every scheduled token's fp32 logits)`` as the model (a runner holding

@@ -34,10 +34,10 @@ from pagedllm.engine.structured_output import StructuredOutputManager
 from pagedllm.executor import create_executor
 from pagedllm.lora import LoRARequest, read_peft_config
 from pagedllm.model_executor.loader import (
-    check_quantization_source,
     load_hf_config,
     load_tokenizer,
     resolve_model,
+    resolve_quantization,
 )
 from pagedllm.model_executor.model_runner import ModelRunner
 from pagedllm.model_executor.models.hf_config import arch_config_from_hf
@@ -58,8 +58,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         source = resolve_model(args.model, revision=args.revision)
-        check_quantization_source(source, args.quantization)
         hf_config = load_hf_config(source)
+        # A quantized checkpoint's own method (AWQ, GPTQ, compressed-tensors), else the flag.
+        self.quantization = resolve_quantization(source, args.quantization)
         self.tokenizer = load_tokenizer(source, args.tokenizer)
         arch = arch_config_from_hf(hf_config)
         model_cls = get_model_class(arch)
@@ -97,7 +98,7 @@ class LLMEngine:
             dtype=args.dtype,
             device=str(self.device),
             kv_cache_dtype=args.kv_cache_dtype,
-            quantization=args.quantization,
+            quantization=self.quantization,
             block_size=args.block_size,
             seed=args.seed,
             world_size=args.tensor_parallel_size,

@@ -33,7 +33,9 @@ HELP = {
     "weights); larger steps keep the full-precision ones. gguf: keep a GGUF file's quantized "
     "weights (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K) in their blocks, as llama.cpp does: ~4x "
     "fewer bytes than bf16 for 4-bit files, decoded on the fly (default: none: GGUF weights "
-    "are dequantized to --dtype at load)",
+    "are dequantized to --dtype at load). awq, gptq, compressed-tensors: a quantized "
+    "checkpoint's method, which is read from its config.json whether or not this names it "
+    "(4/8-bit weights kept packed, decoded on the fly)",
     "gpu_memory_utilization": "fraction of GPU memory for weights + KV cache (CUDA only)",
     "num_kv_blocks": "exact number of KV blocks (overrides the memory budget; for tests)",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes across requests",

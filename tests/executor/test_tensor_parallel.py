@@ -132,6 +132,51 @@ def test_smollm2_tp3_kept_quantized_greedy_equals_tp1(default_gguf, smol_llm):
         assert_no_leak(llm.engine)
 
 
+QUANTIZED = {  # method, bits, group, symmetric, act order
+    # o/down split by whole groups (32 of 64 inputs per rank)
+    "awq_g32": ("awq", 4, 32, False, False),
+    # one group per channel, laid out as 64-weight blocks: split into 32-weight blocks
+    "ct_int8_channel": ("compressed-tensors", 8, -1, True, False),
+}
+
+
+@pytest.mark.parametrize("fmt", list(QUANTIZED))
+def test_quantized_checkpoint_tp2_matches_transformers(fmt, tmp_path):
+    """AWQ / compressed-tensors codes split across 2 ranks (q|k|v, gate|up by output rows, o and
+    down by input groups) compute transformers' logits on the decoded weights."""
+    from tests.quantized_checkpoints import write_quantized_checkpoint
+    from tests.utils import load_hf_model, make_tokenizer
+
+    model = load_hf_model(make_tiny_model_dir(tmp_path / "dense", "llama"))
+    ckpt, ref = str(tmp_path / "quantized"), str(tmp_path / "reference")
+    write_quantized_checkpoint(model, ckpt, *QUANTIZED[fmt])
+    model.save_pretrained(ref)
+    for d in (ckpt, ref):
+        make_tokenizer(d)
+    engine = _engine(ckpt, 2, block_size=5)
+    try:
+        check_logits_parity(
+            lambda out: engine.executor.collective_rpc("forward_logits", out, True)[0],
+            ref,
+            block_size=5,
+            max_batched=24,
+        )
+    finally:
+        engine.shutdown()
+
+
+def test_gptq_act_order_refuses_an_input_split(tmp_path):
+    from tests.quantized_checkpoints import write_quantized_checkpoint
+    from tests.utils import load_hf_model, make_tokenizer
+
+    model = load_hf_model(make_tiny_model_dir(tmp_path / "dense", "llama"))
+    ckpt = str(tmp_path / "gptq")
+    write_quantized_checkpoint(model, ckpt, "gptq", 4, 32, False, True)
+    make_tokenizer(ckpt)
+    with pytest.raises(ValueError, match="act order"):
+        _engine(ckpt, 2)
+
+
 def test_tp2_on_smollm2_fails_fast_naming_the_heads(default_gguf):
     t0 = time.monotonic()
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 2 .* 9 attention heads and 3 kv"):

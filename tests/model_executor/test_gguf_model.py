@@ -12,13 +12,16 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
-from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
 from pagedllm.model_executor.layers.linear import Linear
-from pagedllm.model_executor.loader import iter_weights, load_hf_config, resolve_model
-from pagedllm.model_executor.model_runner import ModelRunner
-from pagedllm.model_executor.models.hf_config import arch_config_from_hf
+from pagedllm.model_executor.layers.quant_tensor import QuantTensor
 from tests.model_executor.loader.loader_tiny_models import write_gguf
-from tests.utils import backend_names, check_logits_parity, get_backend, make_tokenizer, tiny_config
+from tests.utils import (
+    backend_names,
+    check_logits_parity,
+    load_runner,
+    make_tokenizer,
+    tiny_config,
+)
 
 SMALL_BLOCKS = {
     "token_embd": Q.Q8_0,
@@ -78,23 +81,6 @@ def backend(request):
     return request.param
 
 
-def _runner(path: str, backend: str, block_size: int) -> ModelRunner:
-    source = resolve_model(path)
-    arch = arch_config_from_hf(load_hf_config(source))
-    runner = ModelRunner(
-        arch,
-        "float32",
-        torch.device("cpu"),
-        "auto",
-        "gguf",
-        block_size=block_size,
-        backend=get_backend(backend, torch.float32),
-    )
-    runner.load_weights(iter_weights(source, "gguf"))
-    runner.allocate_kv_cache(4096 // block_size, block_size)
-    return runner
-
-
 @pytest.mark.parametrize(
     "block_size,max_batched", [(16, 4096), (5, 24)], ids=["bs16", "bs5-chunked"]
 )
@@ -102,7 +88,7 @@ def test_logits_match_transformers_on_decoded_blocks(
     gguf_and_reference, backend, block_size, max_batched
 ):
     path, ref_dir = gguf_and_reference
-    runner = _runner(path, backend, block_size)
+    runner = load_runner(path, backend, block_size, "gguf")
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
     if backend == "torch":  # no kernel for blocks: decoded once at load
         assert all(m.qweight is None for m in linears)
@@ -117,14 +103,14 @@ def test_logits_match_transformers_on_decoded_blocks(
 
 def test_columns_split_only_on_block_boundaries():
     rows = torch.zeros(4, 2 * 20, dtype=torch.uint8)  # Q4_1: 20 bytes per 32 weights
-    t = GGUFTensor(Q.Q4_1, rows, 64, "blk.0.ffn_down.weight")
+    t = QuantTensor(Q.Q4_1, rows, 64, "blk.0.ffn_down.weight")
     assert t.columns(32, 32).data.shape == (4, 20)
     with pytest.raises(ValueError, match="blk.0.ffn_down.weight.*blocks of 32"):
         t.columns(16, 48)
 
 
 def test_padded_vocab_rows_decode_to_zero():
-    t = GGUFTensor(Q.Q8_0, torch.from_numpy(np.full((3, 34), 7, np.uint8)), 32)
+    t = QuantTensor(Q.Q8_0, torch.from_numpy(np.full((3, 34), 7, np.uint8)), 32)
     padded = t.padded_rows(5)
     assert padded.shape == (5, 32)
     assert torch.equal(padded.dequantize()[3:], torch.zeros(2, 32))

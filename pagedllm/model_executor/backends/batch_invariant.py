@@ -29,8 +29,8 @@ from pagedllm.model_executor.backends.cpu_attention import NativeAttentionBacken
 from pagedllm.model_executor.backends.kernels import NativeKernels
 from pagedllm.model_executor.backends.linear import (
     TorchLinearBackend,
-    gguf_dequantized,
-    gguf_matmul,
+    quant_dequantized,
+    quant_matmul,
 )
 from pagedllm.model_executor.ops.native import NativeOps
 
@@ -52,7 +52,7 @@ class BatchInvariantLinearBackend(TorchLinearBackend):
 
     def prepare(self, layer: Any) -> None:
         if layer.qweight is not None:
-            return  # gguf_linear: one summation order per output already
+            return  # quant_linear: one summation order per output already
         w = layer.weight.detach()
         if not self.can_pack(w):
             raise ValueError(
@@ -62,7 +62,7 @@ class BatchInvariantLinearBackend(TorchLinearBackend):
         layer.packed_weight = self.pack(w)
 
     def quantized_rows(self, qweight: Any, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return gguf_dequantized(self.ops, qweight.rows_at(ids), dtype)
+        return quant_dequantized(self.ops, qweight.rows_at(ids), dtype)
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         """[n, k] -> bi_linear's panels: [n/P, k, P], or VNNI pairs [n/P, k/2, P, 2] for bf16
@@ -76,7 +76,7 @@ class BatchInvariantLinearBackend(TorchLinearBackend):
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         if layer.qweight is not None:
-            y = gguf_matmul(self.ops, layer.qweight, x, batch_invariant=True)
+            y = quant_matmul(self.ops, layer.qweight, x, batch_invariant=True)
             return y if layer.bias is None else y + layer.bias
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1]).to(layer.packed_weight.dtype)

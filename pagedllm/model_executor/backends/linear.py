@@ -6,11 +6,13 @@ TorchLinearBackend: on CPU the weight is pre-packed once for oneDNN's blocked la
 in fp32) and in fp32 (packed fp32 against F.linear, the model's projections on AMD EPYC Zen 4:
 8.9 vs 16.7 ms at 16 rows, 37.6 vs 74.5 at 128, 148 vs 187 at 512, 621 vs 796 at 2,048);
 ``--quantization int8`` steps of few rows use torch's int8 kernel; ``--quantization gguf``
-weights are decoded to dense ones once (it has no kernel for ggml blocks).
+and AWQ/GPTQ/compressed-tensors weights are decoded to dense ones once (it has no kernel for
+quantized blocks).
 NativeLinearBackend adds one ISA's kernels: the int8 kernel for those small steps, on AMX
 ``amx_linear`` for decode-sized steps, from a second copy of the weight in its tile layout (it
-streams the weights faster than oneDNN: x86/amx/amx_linear.cpp), and ``gguf_linear`` for
-weights kept in ggml blocks (generic/gguf_linear.cpp).
+streams the weights faster than oneDNN: x86/amx/amx_linear.cpp), and ``quant_linear`` for
+weights kept quantized: GGUF blocks, AWQ/GPTQ/compressed-tensors groups
+(generic/quant_linear.cpp).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class NativeLinearBackend(TorchLinearBackend):
 
     def prepare(self, layer: Any) -> None:
         if layer.qweight is not None:
-            return  # gguf_linear runs the blocks as they are
+            return  # quant_linear runs the blocks as they are
         super().prepare(layer)
         n, k = layer.weight.shape
         if (
@@ -145,22 +147,30 @@ class NativeLinearBackend(TorchLinearBackend):
 
     def quantized_matmul(self, qweight: tuple[Any, ...], x: torch.Tensor) -> torch.Tensor:
         """x times the GGUF segments (output rows), concatenated; in x's dtype."""
-        return gguf_matmul(self.ops, qweight, x)
+        return quant_matmul(self.ops, qweight, x)
 
     def quantized_rows(self, qweight: Any, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return gguf_dequantized(self.ops, qweight.rows_at(ids), dtype)
+        return quant_dequantized(self.ops, qweight.rows_at(ids), dtype)
 
 
-def gguf_matmul(
+def quant_matmul(
     ops: NativeOps, qweight: tuple[Any, ...], x: torch.Tensor, batch_invariant: bool = False
 ) -> torch.Tensor:
-    """gguf_linear over each segment (the kernel picks its path by the row count, or keeps one
-    for every row count with ``batch_invariant``)."""
-    outs = [ops.gguf_linear(x, part.data, int(part.qtype), batch_invariant) for part in qweight]
+    """quant_linear over each segment (the kernel picks its path by the row count, or keeps one
+    for every row count with ``batch_invariant``); a segment in act order reads x's columns in
+    its order."""
+    outs = [
+        ops.quant_linear(x, part.data, int(part.qtype), batch_invariant, part.perm)
+        for part in qweight
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-def gguf_dequantized(ops: NativeOps, part: Any, dtype: torch.dtype) -> torch.Tensor:
+def quant_dequantized(ops: NativeOps, part: Any, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(part.shape, dtype=dtype)
-    ops.gguf_dequantize(part.data, int(part.qtype), out)
-    return out
+    ops.quant_dequantize(part.data, int(part.qtype), out)
+    if part.perm is None:
+        return out
+    ordered = torch.empty_like(out)
+    ordered[:, part.perm] = out
+    return ordered

@@ -12,7 +12,7 @@ from torch import nn
 from pagedllm.distributed import TensorParallelGroup
 from pagedllm.model_executor.backends.base import TORCH_BACKEND
 from pagedllm.model_executor.backends.linear import quantize_weight_int8
-from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor, row_segments
+from pagedllm.model_executor.layers.quant_tensor import QuantTensor, row_segments
 
 
 class Linear(nn.Linear):
@@ -23,8 +23,8 @@ class Linear(nn.Linear):
     int8_scales: torch.Tensor | None = None
     # --quantization gguf: the weight kept in ggml blocks, as output-row segments of one type
     # each (stacked q|k|v may mix types); quant_shards collects them while loading.
-    qweight: tuple[GGUFTensor, ...] | None = None
-    quant_shards: dict[int, GGUFTensor] | None = None
+    qweight: tuple[QuantTensor, ...] | None = None
+    quant_shards: dict[int, QuantTensor] | None = None
     # Multi-LoRA (model_executor/lora.py): the step's adapters, set on the projections they
     # can change; this layer's name in them.
     lora_step: Any = None
@@ -34,7 +34,7 @@ class Linear(nn.Linear):
         """Keep a per-output-channel symmetric int8 copy of the weight for small steps."""
         self.int8_weight, self.int8_scales = quantize_weight_int8(self.weight)
 
-    def load_quantized(self, param: nn.Parameter, loaded: GGUFTensor, shard: int = 0) -> None:
+    def load_quantized(self, param: nn.Parameter, loaded: QuantTensor, shard: int = 0) -> None:
         """Keep a GGUF weight in its blocks; the dense weight is dropped now, so a model never
         holds both."""
         if param is not self.weight:
@@ -85,7 +85,7 @@ class ColumnParallelLinear(Linear):
         full, first, rows = self.shards[shard]
         if loaded.shape[0] != full:
             raise ValueError(f"shard {shard} has {loaded.shape[0]} rows, expected {full}")
-        if isinstance(loaded, GGUFTensor):
+        if isinstance(loaded, QuantTensor):
             self.load_quantized(param, loaded.rows(first, rows), shard)
             return
         if param is self.weight and self.quant_shards is not None:
@@ -123,7 +123,7 @@ class RowParallelLinear(Linear):
                 f"checkpoint shape {tuple(loaded.shape)} != "
                 f"{(self.out_features, cols * self.tp.world_size)}"
             )
-        if isinstance(loaded, GGUFTensor):
+        if isinstance(loaded, QuantTensor):
             self.load_quantized(param, loaded.columns(self.tp.rank * cols, cols))
             return
         param.data.copy_(loaded[:, self.tp.rank * cols : (self.tp.rank + 1) * cols])

@@ -12,8 +12,8 @@ from torch import nn
 
 from pagedllm.distributed import TensorParallelGroup
 from pagedllm.model_executor.backends.base import TORCH_BACKEND
-from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
 from pagedllm.model_executor.layers.linear import Linear
+from pagedllm.model_executor.layers.quant_tensor import QuantTensor
 
 
 def _padded_rows(vocab_size: int, tp: TensorParallelGroup) -> int:
@@ -25,7 +25,7 @@ def _check_vocab_shape(loaded, vocab_size: int, hidden_size: int) -> None:
         raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != {(vocab_size, hidden_size)}")
 
 
-def _quantized_vocab_rows(loaded: GGUFTensor, rows: int, tp: TensorParallelGroup) -> GGUFTensor:
+def _quantized_vocab_rows(loaded: QuantTensor, rows: int, tp: TensorParallelGroup) -> QuantTensor:
     first = tp.rank * rows
     return loaded.rows(first, max(0, min(rows, loaded.shape[0] - first))).padded_rows(rows)
 
@@ -43,7 +43,7 @@ def _load_vocab_rows(
 
 class VocabParallelEmbedding(nn.Embedding):
     linear_backend = TORCH_BACKEND.linear  # bound by the model runner: decodes quantized rows
-    qweight: GGUFTensor | None = None  # --quantization gguf: this rank's rows, in blocks
+    qweight: QuantTensor | None = None  # --quantization gguf: this rank's rows, in blocks
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup) -> None:
         super().__init__(_padded_rows(vocab_size, tp), hidden_size)
@@ -52,7 +52,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.first = tp.rank * self.num_embeddings
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if isinstance(loaded, GGUFTensor):
+        if isinstance(loaded, QuantTensor):
             _check_vocab_shape(loaded, self.vocab_size, self.embedding_dim)
             self.qweight = _quantized_vocab_rows(loaded, self.num_embeddings, self.tp)
             param.data = param.data.new_empty(0)
@@ -90,7 +90,7 @@ class ParallelLMHead(Linear):
         self.tied_to = (embedding,)
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if isinstance(loaded, GGUFTensor):
+        if isinstance(loaded, QuantTensor):
             _check_vocab_shape(loaded, self.vocab_size, self.in_features)
             self.load_quantized(param, _quantized_vocab_rows(loaded, self.out_features, self.tp))
             return

@@ -7,6 +7,7 @@ import os
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedllm.model_executor.loader.gguf_reader import gguf_load_error
+from pagedllm.model_executor.loader.quantized_hf_weights import parse_quantization_config
 from pagedllm.model_executor.loader.source import ModelSource
 
 
@@ -28,21 +29,12 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
 
 
 def check_quantization_config(hf_config: PretrainedConfig, where: str) -> None:
-    """A checkpoint quantized by a method pagedllm cannot run (its ``quantization_config``:
-    AWQ, GPTQ, compressed-tensors, ...) is refused at load with a ValueError that says so,
-    instead of failing on its first packed tensor (or loading garbage)."""
+    """A checkpoint quantized by a method or scheme pagedllm cannot run (its
+    ``quantization_config``) is refused at load with a ValueError that says so, instead of
+    failing on its first packed tensor (or loading garbage)."""
     qconfig = getattr(hf_config, "quantization_config", None)
     if not qconfig:
         return
     if not isinstance(qconfig, dict):
         qconfig = qconfig.to_dict() if hasattr(qconfig, "to_dict") else vars(qconfig)
-    method = qconfig.get("quant_method", "unknown")
-    details = ", ".join(
-        f"{k}={qconfig[k]}" for k in ("bits", "group_size", "format") if k in qconfig
-    )
-    raise ValueError(
-        f"{where}: quantization_config with quant_method {method!r}"
-        f"{f' ({details})' if details else ''} is not supported: pagedllm runs unquantized "
-        "checkpoints (fp32/bf16/fp16) and GGUF files (dequantized at load); use one of those, "
-        "or --quantization int8 on an unquantized checkpoint"
-    )
+    parse_quantization_config(qconfig, where)

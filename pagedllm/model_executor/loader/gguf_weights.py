@@ -1,5 +1,5 @@
 """Stream a GGUF file's tensors as HF-named float32 torch tensors (dequantized, q/k unpermuted),
-or with ``keep_quantized`` its quantized matmul weights as GGUFTensor blocks (--quantization
+or with ``keep_quantized`` its quantized matmul weights as QuantTensor blocks (--quantization
 gguf)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from pagedllm.model_executor.layers.gguf_tensor import (
+from pagedllm.model_executor.layers.quant_tensor import (
     KERNEL_TYPES,
     UNQUANTIZED_TYPES,
-    GGUFTensor,
+    QuantTensor,
 )
 from pagedllm.model_executor.loader.gguf_reader import open_gguf, read_metadata
 
@@ -68,9 +68,9 @@ _ARCH_BLOCK_NAMES = MappingProxyType(
 
 def iter_gguf_weights(
     path: str, keep_quantized: bool = False
-) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
     """Yield (hf_name, float32 tensor) for every known tensor, one tensor in memory at a time;
-    with ``keep_quantized`` every quantized 2-D weight comes as a GGUFTensor instead.
+    with ``keep_quantized`` every quantized 2-D weight comes as a QuantTensor instead.
 
     The file is opened and checked now, so a bad file fails at the call, not at the first tensor
     (and, with ``keep_quantized``, a tensor type no kernel runs fails here too).
@@ -115,7 +115,7 @@ def _check_kernel_types(path: str, reader: GGUFReader, arch: str) -> None:
 
 def _generate(
     path: str, reader: GGUFReader, arch: str, n_head: Any, n_head_kv: Any, keep_quantized: bool
-) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
+) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
     permuted = arch in _PERMUTED_ARCHS
     for tensor in reader.tensors:
         hf_name = hf_tensor_name(tensor.name, arch)
@@ -130,7 +130,7 @@ def _generate(
             qtype = GGMLQuantizationType(int(tensor.tensor_type))
             yield (
                 hf_name,
-                GGUFTensor(qtype, torch.from_numpy(blocks), int(tensor.shape[0]), tensor.name),
+                QuantTensor(qtype, torch.from_numpy(blocks), int(tensor.shape[0]), tensor.name),
             )
             continue
         weights = _dequantize(path, tensor)

@@ -20,13 +20,13 @@ from pagedllm.distributed import TensorParallelGroup, single_rank
 from pagedllm.model_executor.backends.attention_metadata import AttentionMetadata
 from pagedllm.model_executor.layers.activation import SiluAndMul
 from pagedllm.model_executor.layers.attention import PagedAttention
-from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
 from pagedllm.model_executor.layers.layernorm import RMSNorm
 from pagedllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     RowParallelLinear,
     split_rows,
 )
+from pagedllm.model_executor.layers.quant_tensor import QuantTensor
 from pagedllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 from pagedllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
@@ -250,7 +250,7 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(
                         f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
                     )
-                if isinstance(tensor, GGUFTensor):
+                if isinstance(tensor, QuantTensor):
                     module.load_quantized(param, tensor)
                 else:
                     param.data.copy_(tensor)

@@ -24,7 +24,9 @@ from pagedllm.cpu_info import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+# Normalised: the path is part of the build hash (and -I), and a script that imports the
+# package through "../" must find the same build.
+CSRC = os.path.join(os.path.dirname(os.path.realpath(__file__)), "csrc")
 SOURCES = (
     "registration.cpp",
     "generic/paged_attention.cpp",
@@ -35,7 +37,7 @@ SOURCES = (
     "generic/token_bitmask.cpp",
     "generic/lora.cpp",
     "generic/int8_linear.cpp",
-    "generic/gguf_linear.cpp",
+    "generic/quant_linear.cpp",
     "generic/batch_invariant_linear.cpp",
     "x86/amx/amx_prefill_attention.cpp",
     "x86/amx/amx_linear.cpp",

@@ -88,14 +88,18 @@ class NativeOps:
     def bi_linear(self, x, wp, bias, n: int) -> torch.Tensor:
         return self._ops.bi_linear(x.contiguous(), wp, bias, n)
 
-    def gguf_linear(self, x, w, qtype: int, batch_invariant: bool = False) -> torch.Tensor:
-        """x [M, K] times the GGUF rows w (uint8 [N, row_bytes] of GGML type ``qtype``)^T;
-        ``batch_invariant``: one kernel for every row count (--deterministic)."""
-        return self._ops.gguf_linear(x, w, qtype, batch_invariant)
+    def quant_linear(
+        self, x, w, qtype: int, batch_invariant: bool = False, perm=None
+    ) -> torch.Tensor:
+        """x [M, K] times the quantized rows w (uint8 [N, row_bytes] of blocks of ``qtype``: a
+        GGML type or an AffineType, layers/quant_tensor.py)^T; ``batch_invariant``: one kernel
+        for every row count (--deterministic); ``perm``: the blocks hold x's columns in this
+        order (GPTQ act order)."""
+        return self._ops.quant_linear(x, w, qtype, batch_invariant, perm)
 
-    def gguf_dequantize(self, w, qtype: int, out) -> None:
-        """Decode the GGUF rows w into ``out`` [N, K] (fp32, bf16 or fp16)."""
-        self._ops.gguf_dequantize(w, qtype, out)
+    def quant_dequantize(self, w, qtype: int, out) -> None:
+        """Decode the quantized rows w into ``out`` [N, K] (fp32, bf16 or fp16)."""
+        self._ops.quant_dequantize(w, qtype, out)
 
     @functools.cached_property
     def bi_linear_panel(self) -> int:

@@ -15,6 +15,7 @@ from pagedllm.model_executor.loader import (
     load_hf_config,
     load_tokenizer,
     resolve_model,
+    resolve_quantization,
 )
 from pagedllm.model_executor.loader.gguf_weights import hf_tensor_name, unpermute_qk
 from tests.model_executor.loader.loader_tiny_models import (
@@ -185,12 +186,12 @@ def test_unsupported_architecture(tmp_path):
 def test_keep_quantized_yields_the_files_blocks(llama_gguf):
     """--quantization gguf: every 2-D weight comes as its blocks (q/k rows back in HF order),
     decoding to exactly what the dequantizing loader yields; norms and biases come dense."""
-    from pagedllm.model_executor.layers.gguf_tensor import GGUFTensor
+    from pagedllm.model_executor.layers.quant_tensor import QuantTensor
 
     _, path, expected = llama_gguf
     kinds = {}
     for name, tensor in iter_weights(resolve_model(path), "gguf"):
-        if isinstance(tensor, GGUFTensor):
+        if isinstance(tensor, QuantTensor):
             kinds[name] = tensor.qtype
             assert tensor.name == gguf_name(name)
             assert torch.equal(tensor.dequantize(), torch.from_numpy(expected[name])), name
@@ -213,4 +214,4 @@ def test_keep_quantized_refuses_a_type_without_a_kernel(llama_gguf, monkeypatch)
 
 def test_keep_quantized_needs_a_gguf_file(tiny_llama_dir):
     with pytest.raises(ValueError, match="not a GGUF model"):
-        iter_weights(resolve_model(tiny_llama_dir), "gguf")
+        resolve_quantization(resolve_model(tiny_llama_dir), "gguf")

@@ -90,23 +90,45 @@ def test_tokenizer_from_hf_dir_and_override(tmp_path, default_source, default_to
     assert override.encode(text) == tok.encode(text)
 
 
+def _with_qconfig(src: str, dst, qconfig: dict) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = qconfig
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
 @pytest.mark.parametrize(
     "qconfig,named",
     [
-        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}, "'awq'"),
-        ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}, "'gptq'"),
-        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "pack-quantized"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+        ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "'fp8'"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "'gemv'"),
     ],
 )
-def test_quantized_checkpoints_are_refused_by_name(tiny_llama_dir, tmp_path, qconfig, named):
-    """Until their kernels exist, AWQ/GPTQ/compressed-tensors checkpoints get a ValueError at
-    load that names the method, not a failure on a packed tensor or garbage output."""
-    import shutil
+def test_unsupported_quantized_checkpoints_are_refused_by_name(
+    tiny_llama_dir, tmp_path, qconfig, named
+):
+    """A method or scheme without kernels gets a ValueError at load that names it, not a
+    failure on a packed tensor or garbage output."""
+    quantized = _with_qconfig(tiny_llama_dir, tmp_path / "quantized", qconfig)
+    with pytest.raises(ValueError, match=named):
+        load_hf_config(resolve_model(quantized))
 
-    quantized = tmp_path / "quantized"
-    shutil.copytree(tiny_llama_dir, quantized)
-    cfg = json.loads((quantized / "config.json").read_text())
-    cfg["quantization_config"] = qconfig
-    (quantized / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=f"quant_method {named}|{named}"):
-        load_hf_config(resolve_model(str(quantized)))
+
+def test_quantization_flag_must_agree_with_the_checkpoint(tiny_llama_dir, tmp_path):
+    from pagedllm.model_executor.loader import resolve_quantization
+
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm"}
+    quantized = resolve_model(_with_qconfig(tiny_llama_dir, tmp_path / "awq", awq))
+    assert resolve_quantization(quantized, None) == "awq"  # read from config.json, as vLLM
+    assert resolve_quantization(quantized, "awq") == "awq"
+    for flag in ("gptq", "int8", "gguf"):
+        with pytest.raises(ValueError):
+            resolve_quantization(quantized, flag)
+    plain = resolve_model(tiny_llama_dir)
+    with pytest.raises(ValueError, match="no quantization_config"):
+        resolve_quantization(plain, "compressed-tensors")
+    assert resolve_quantization(plain, "int8") == "int8"

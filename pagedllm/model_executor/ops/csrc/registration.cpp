@@ -32,9 +32,11 @@ PAGEDLLM_LIBRARY(m) {
   // Linear (generic/int8_linear.cpp, x86/amx/amx_linear.cpp).
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor wp) -> Tensor");
-  // GGUF weights kept in their blocks (generic/gguf_linear.cpp).
-  m.def("gguf_linear(Tensor x, Tensor w, int qtype, bool batch_invariant=False) -> Tensor");
-  m.def("gguf_dequantize(Tensor w, int qtype, Tensor(a!) out) -> ()");
+  // Weights kept quantized: GGUF blocks, affine groups (generic/quant_linear.cpp).
+  m.def(
+      "quant_linear(Tensor x, Tensor w, int qtype, bool batch_invariant=False, "
+      "Tensor? perm=None) -> Tensor");
+  m.def("quant_dequantize(Tensor w, int qtype, Tensor(a!) out) -> ()");
   // Batch-invariant linear for --deterministic (generic/batch_invariant_linear.cpp).
   m.def("bi_linear(Tensor x, Tensor wp, Tensor? bias, int n) -> Tensor");
   m.def("bi_linear_panel() -> int", &pagedllm::bi_linear_panel);

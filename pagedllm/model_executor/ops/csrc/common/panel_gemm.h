@@ -1,7 +1,7 @@
 // Register tiles of a small GEMM against one weight panel: y[:, c0:c0+P] = x W_panel^T with
 // every output summed over k in one fixed order (k ascending, one accumulator), whatever the
 // number of rows. Shared by the batch-invariant linear (generic/batch_invariant_linear.cpp)
-// and the GGUF linear (generic/gguf_linear.cpp), which decodes its panels from ggml blocks.
+// and the GGUF linear (generic/quant_linear.cpp), which decodes its panels from ggml blocks.
 //
 // Panels of kP = kBiVecs * kLanes output columns:
 //   fp32, or bf16 without AVX512-BF16:  [K, kP]       broadcast FMAs

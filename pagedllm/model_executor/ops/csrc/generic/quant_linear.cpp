@@ -1,11 +1,17 @@
-// GGUF weights kept in llama.cpp's blocks (--quantization gguf): y = x W^T straight from the
-// quantized rows, and a dequantizer (embedding rows).
+// Weights kept quantized: y = x W^T straight from the quantized rows, and a dequantizer
+// (embedding rows). Two families of formats:
+// - GGUF (--quantization gguf): llama.cpp's blocks, exactly as in the file (Q4_0, Q4_1, Q5_0,
+//   Q8_0, Q4_K, Q6_K; F32/F16/BF16 too), decoded as ggml's dequantize_row_* does (the tests
+//   compare with gguf-py's dequantize);
+// - affine groups (AWQ, GPTQ, compressed-tensors checkpoints, repacked at load by
+//   layers/quant_tensor.py): G = 32, 64 or 128 weights of 4 or 8 unsigned bits q sharing one
+//   fp32 scale s and offset o, w = q s + o (o = -z s for a zero point z); a block is s, o, then
+//   the codes (4-bit: each 32 weights as 16 bytes, weight j in the low nibble of byte j, j + 16
+//   in its high one, as ggml's Q4 blocks; 8-bit: one byte each).
 //
-// W is [N, row_bytes] uint8: each output row is K / block weights stored as ggml blocks, exactly
-// as in the file. Every format is decoded 32 weights at a time (a "sub-block": Q4_0/Q4_1/Q5_0/
-// Q8_0 blocks, an eighth of a Q4_K/Q6_K super-block) into two registers of 16 fp32 values, in
-// the order of the row; the decoding follows ggml's dequantize_row_* and the tests compare it
-// with gguf-py's dequantize.
+// W is [N, row_bytes] uint8: each output row is K / block weights stored as blocks. Every
+// format is decoded 32 weights at a time (a "sub-block") into registers of fp32 values, in the
+// order of the row.
 //
 // Steps of few rows (a decode step) are bound by reading W, 4-bit weights being ~4x fewer bytes
 // than bf16: each weight sub-block is decoded once per group of rows of x (8 in fp32, 16 in
@@ -26,17 +32,20 @@
 #include "common/vec_math.h"
 
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 
-// GGML type ids (ggml.h) of the formats decoded here. The unquantized ones (F32, F16, BF16)
+// GGML type ids (ggml.h) of the GGUF formats decoded here. The unquantized ones (F32, F16, BF16)
 // come too: a layer stacking q|k|v may hold both kinds, and an F16 file stays F16.
 enum : int64_t {
   kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14,
-  kBF16 = 30
+  kBF16 = 30,
+  // Affine groups: bits * 1000 + group size (layers/quant_tensor.py's AffineType).
+  kA4G32 = 4032, kA4G64 = 4064, kA4G128 = 4128, kA8G32 = 8032, kA8G64 = 8064, kA8G128 = 8128
 };
 
 inline float half_at(const uint8_t* p) {
@@ -218,6 +227,29 @@ struct Fmt<kQ6_K> {  // 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int
     }
   }
 };
+
+// Affine groups: s, o (fp32), then G weights' codes; w = q s + o.
+template <int Bits, int G>
+struct Affine {
+  static constexpr int kBlock = G, kBytes = 8 + G * Bits / 8;
+  static inline void decode(const uint8_t* b, int s, vnf* w) {
+    float scale, offset;
+    std::memcpy(&scale, b, 4);
+    std::memcpy(&offset, b + 4, 4);
+    if constexpr (Bits == 4) {
+      nibbles(b + 8 + 16 * s, scale, offset, w);
+    } else {
+      for (int r = 0; r < kRegs; ++r)
+        w[r] = to_f(widen_u8(b + 8 + 32 * s + r * kL)) * scale + offset;
+    }
+  }
+};
+template <> struct Fmt<kA4G32> : Affine<4, 32> {};
+template <> struct Fmt<kA4G64> : Affine<4, 64> {};
+template <> struct Fmt<kA4G128> : Affine<4, 128> {};
+template <> struct Fmt<kA8G32> : Affine<8, 32> {};
+template <> struct Fmt<kA8G64> : Affine<8, 64> {};
+template <> struct Fmt<kA8G128> : Affine<8, 128> {};
 
 inline float hsum(vnf v) {
   alignas(64) float lanes[kL];
@@ -490,58 +522,82 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t n, 
   });
 }
 
-int64_t block_weights(int64_t t) {
-  switch (t) {
-    case kF32: case kF16: case kBF16:  // rows of whole 32-weight runs
-    case kQ4_0: case kQ4_1: case kQ5_0: case kQ8_0: return 32;
-    case kQ4_K: case kQ6_K: return 256;
-    default: TORCH_CHECK(false, "gguf: GGML type ", t, " has no kernel here");
-  }
-}
-
-int64_t block_bytes(int64_t t) {
-  switch (t) {
-    case kF32: return Fmt<kF32>::kBytes;
-    case kF16: return Fmt<kF16>::kBytes;
-    case kBF16: return Fmt<kBF16>::kBytes;
-    case kQ4_0: return Fmt<kQ4_0>::kBytes;
-    case kQ4_1: return Fmt<kQ4_1>::kBytes;
-    case kQ5_0: return Fmt<kQ5_0>::kBytes;
-    case kQ8_0: return Fmt<kQ8_0>::kBytes;
-    case kQ4_K: return Fmt<kQ4_K>::kBytes;
-    case kQ6_K: return Fmt<kQ6_K>::kBytes;
-    default: TORCH_CHECK(false, "gguf: GGML type ", t, " has no kernel here");
+template <typename Fn>
+void dispatch_type(int64_t qtype, Fn&& fn) {
+  switch (qtype) {
+#define PAGEDLLM_QTYPE(T) \
+  case T: fn(std::integral_constant<int64_t, T>{}); break;
+    PAGEDLLM_QTYPE(kF32) PAGEDLLM_QTYPE(kF16) PAGEDLLM_QTYPE(kBF16)
+    PAGEDLLM_QTYPE(kQ4_0) PAGEDLLM_QTYPE(kQ4_1) PAGEDLLM_QTYPE(kQ5_0) PAGEDLLM_QTYPE(kQ8_0)
+    PAGEDLLM_QTYPE(kQ4_K) PAGEDLLM_QTYPE(kQ6_K)
+    PAGEDLLM_QTYPE(kA4G32) PAGEDLLM_QTYPE(kA4G64) PAGEDLLM_QTYPE(kA4G128)
+    PAGEDLLM_QTYPE(kA8G32) PAGEDLLM_QTYPE(kA8G64) PAGEDLLM_QTYPE(kA8G128)
+#undef PAGEDLLM_QTYPE
+    default: TORCH_CHECK(false, "quant_linear: weight type ", qtype, " has no kernel here");
   }
 }
 
 void check_weight(const at::Tensor& w, int64_t qtype, int64_t k) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "gguf: w must be contiguous uint8 [N, row_bytes]");
-  const int64_t bw = block_weights(qtype);
-  TORCH_CHECK(k % bw == 0, "gguf: K = ", k, " is not a multiple of the block (", bw, ")");
-  TORCH_CHECK(w.size(1) == k / bw * block_bytes(qtype), "gguf: row of ", w.size(1),
+              "quant_linear: w must be contiguous uint8 [N, row_bytes]");
+  int64_t bw = 0, bb = 0;
+  dispatch_type(qtype, [&](auto t) {
+    bw = Fmt<decltype(t)::value>::kBlock;
+    bb = Fmt<decltype(t)::value>::kBytes;
+  });
+  TORCH_CHECK(k % bw == 0, "quant_linear: K = ", k, " is not a multiple of the block (", bw, ")");
+  TORCH_CHECK(w.size(1) == k / bw * bb, "quant_linear: row of ", w.size(1),
               " bytes does not hold ", k, " weights of type ", qtype);
 }
 
-template <typename Fn>
-void dispatch_type(int64_t qtype, Fn&& fn) {
-  switch (qtype) {
-    case kF32: fn(std::integral_constant<int64_t, kF32>{}); break;
-    case kF16: fn(std::integral_constant<int64_t, kF16>{}); break;
-    case kBF16: fn(std::integral_constant<int64_t, kBF16>{}); break;
-    case kQ4_0: fn(std::integral_constant<int64_t, kQ4_0>{}); break;
-    case kQ4_1: fn(std::integral_constant<int64_t, kQ4_1>{}); break;
-    case kQ5_0: fn(std::integral_constant<int64_t, kQ5_0>{}); break;
-    case kQ8_0: fn(std::integral_constant<int64_t, kQ8_0>{}); break;
-    case kQ4_K: fn(std::integral_constant<int64_t, kQ4_K>{}); break;
-    case kQ6_K: fn(std::integral_constant<int64_t, kQ6_K>{}); break;
-    default: TORCH_CHECK(false, "gguf: GGML type ", qtype, " has no kernel here");
-  }
+// x's columns in the order perm (GPTQ's act order: the weights hold each group's inputs
+// together): y[m, j] = x[m, perm[j]], rows in parallel (torch's index_select on the last
+// dimension took 24 ms for 16k rows of 576 bf16).
+template <typename T>
+void gather_columns(const T* x, int64_t m, int64_t k, const int64_t* perm, T* y) {
+  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * k;
+      T* yr = y + r * k;
+      for (int64_t j = 0; j < k; ++j) yr[j] = xr[perm[j]];
+    }
+  });
 }
 
-at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
-                       bool batch_invariant) {
-  TORCH_CHECK(x.dim() == 2, "gguf_linear: x [M, K]");
+at::Tensor permuted_columns(const at::Tensor& x, const at::Tensor& perm) {
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == x.size(1) && perm.scalar_type() == at::kLong,
+              "quant_linear: perm must be int64 [K]");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor pc = perm.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t m = xc.size(0), k = xc.size(1);
+  const int64_t* p = pc.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) TORCH_CHECK(p[j] >= 0 && p[j] < k, "quant_linear: bad perm");
+  if (xc.element_size() == 2) {
+    gather_columns(reinterpret_cast<const uint16_t*>(xc.data_ptr()), m, k, p,
+                   reinterpret_cast<uint16_t*>(y.data_ptr()));
+  } else {
+    TORCH_CHECK(xc.element_size() == 4, "quant_linear: x must be fp32, bf16 or fp16");
+    gather_columns(reinterpret_cast<const uint32_t*>(xc.data_ptr()), m, k, p,
+                   reinterpret_cast<uint32_t*>(y.data_ptr()));
+  }
+  return y;
+}
+
+at::Tensor quant_linear_impl(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                             bool batch_invariant);
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                        bool batch_invariant, const std::optional<at::Tensor>& perm) {
+  TORCH_CHECK(x.dim() == 2, "quant_linear: x [M, K]");
+  if (perm.has_value() && x.size(0) > 0) {
+    return quant_linear_impl(permuted_columns(x, *perm), w, qtype, batch_invariant);
+  }
+  return quant_linear_impl(x, w, qtype, batch_invariant);
+}
+
+at::Tensor quant_linear_impl(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
+                             bool batch_invariant) {
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   check_weight(w, qtype, k);
   auto out = at::empty({m, n}, x.options());
@@ -589,7 +645,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   }
 #endif
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gguf_linear", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quant_linear", [&] {
     dispatch_type(qtype, [&](auto t) {
       for_row_tasks(n, [&](int64_t r0, int64_t r1) {
         gemv_f32<decltype(t)::value>(xf.data_ptr<float>(), m, wp, row_bytes, k, r0, r1, n,
@@ -600,11 +656,11 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype,
   return out;
 }
 
-void gguf_dequantize(const at::Tensor& w, int64_t qtype, at::Tensor& out) {
+void quant_dequantize(const at::Tensor& w, int64_t qtype, at::Tensor& out) {
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == w.size(0),
-              "gguf_dequantize: out [N, K] contiguous");
+              "quant_dequantize: out [N, K] contiguous");
   check_weight(w, qtype, out.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "gguf_dequantize",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "quant_dequantize",
                                   [&] {
     dispatch_type(qtype, [&](auto t) {
       dequantize_rows<decltype(t)::value>(w.data_ptr<uint8_t>(), w.size(1), out.size(1),
@@ -616,6 +672,6 @@ void gguf_dequantize(const at::Tensor& w, int64_t qtype, at::Tensor& out) {
 }  // namespace
 
 PAGEDLLM_IMPL(m) {
-  m.impl("gguf_linear", &gguf_linear);
-  m.impl("gguf_dequantize", &gguf_dequantize);
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_dequantize", &quant_dequantize);
 }
