@@ -4,6 +4,13 @@ caching. It owns the BlockPool and never touches a tensor.
     request tokens   [t0 .. t15][t16 .. t31][t32 .. t40]      block_size = 16
     block table      [   b4    ][    b9    ][    b2   ]       logical block i -> physical block
     hashes           [   h0    ][ h1(h0,..)]  (partial block: no hash yet)
+
+A model whose every layer attends only to its last ``sliding_window`` keys (Mistral) never
+reads a block again once the next token to compute is past it by a window: such leading
+blocks go back to the pool before each step's allocation (their prefix-cache entries stay
+until the pool hands them out), so a sequence holds about window + one step of tokens however
+long it grows. Their places in the table keep the old ids: attention never reads a position
+outside a query's window (the decode kernel starts at the window; the windowed paths mask it).
 """
 
 from __future__ import annotations
@@ -27,12 +34,28 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        sliding_window: int | None = None,
+        max_step_tokens: int | None = None,
+    ) -> None:
+        """``sliding_window``: every layer's window (None: some layer reads the whole
+        sequence); ``max_step_tokens``: the most tokens a request computes in one step (with a
+        window, what a sequence holds beyond it)."""
+        if sliding_window is not None and not max_step_tokens:
+            raise ValueError("a sliding-window KV cache needs max_step_tokens")
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
+        self.max_step_tokens = max_step_tokens
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}
+        # Sliding window: how many leading blocks of each request went back to the pool.
+        self.num_freed_blocks: dict[str, int] = {}
         self.prefix_cache_stats = PrefixCacheStats()
 
     @property
@@ -69,7 +92,16 @@ class KVCacheManager:
 
     def can_fit(self, num_tokens: int) -> bool:
         """Whether a sequence of this length could ever fit, with the whole pool to itself."""
-        return cdiv(num_tokens, self.block_size) <= self.pool.num_blocks
+        return self.max_blocks_held(num_tokens) <= self.pool.num_blocks
+
+    def max_blocks_held(self, num_tokens: int) -> int:
+        """The most blocks a sequence of ``num_tokens`` holds at once: all of them, or with a
+        sliding window the window's (less a token: a query sees itself) plus a step's, plus
+        one for where they straddle blocks."""
+        if self.sliding_window is None:
+            return cdiv(num_tokens, self.block_size)
+        held = min(num_tokens, self.sliding_window - 1 + self.max_step_tokens)
+        return min(cdiv(num_tokens, self.block_size), cdiv(held, self.block_size) + 1)
 
     def allocate_slots(
         self,
@@ -81,6 +113,8 @@ class KVCacheManager:
         cannot provide the blocks."""
         new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.setdefault(request.req_id, [])
+        if self.sliding_window is not None and req_blocks:
+            self._free_outside_window(request, req_blocks)
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_needed = cdiv(num_computed + num_new_tokens, self.block_size)
         num_new_blocks = max(0, num_needed - len(req_blocks) - len(new_computed_blocks))
@@ -103,7 +137,23 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
-        self.pool.free(list(reversed(blocks)))
+        freed = self.num_freed_blocks.pop(request.req_id, 0)
+        self.pool.free(list(reversed(blocks[freed:])))
+
+    def num_held_blocks(self, req_id: str) -> int:
+        return len(self.req_to_blocks.get(req_id, ())) - self.num_freed_blocks.get(req_id, 0)
+
+    def _free_outside_window(self, request: Request, req_blocks: list[KVCacheBlock]) -> None:
+        """Give back the leading blocks no query from the next token on can see: the first
+        query of the step (position num_computed) reads from num_computed - window + 1."""
+        first_seen = request.num_computed_tokens - self.sliding_window + 1
+        outside = min(max(0, first_seen // self.block_size), len(req_blocks))
+        done = self.num_freed_blocks.get(request.req_id, 0)
+        if outside <= done:
+            return
+        # Oldest first to the free queue's tail, so the most recent stay cached longest.
+        self.pool.free(req_blocks[done:outside])
+        self.num_freed_blocks[request.req_id] = outside
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

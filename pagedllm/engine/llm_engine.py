@@ -150,7 +150,7 @@ class LLMEngine:
             self.executor.collective_rpc("allocate_kv_cache", 0, args.block_size)
             self.kv_cache_manager = NoKVCacheManager(args.block_size)
         else:
-            self._init_kv_cache(args, max_model_len, caching=not whole_prompts)
+            self._init_kv_cache(args, arch, max_model_len, caching=not whole_prompts)
         self.speculative_config = None
         if not self.is_pooling:
             self.speculative_config = SpeculativeConfig.parse(args.speculative_config)
@@ -197,13 +197,27 @@ class LLMEngine:
         self.num_steps = 0
         self._step_req_ids: list[str] = []  # the requests of the step running now
 
-    def _init_kv_cache(self, args: EngineArgs, max_model_len: int, caching: bool) -> None:
+    def _init_kv_cache(
+        self, args: EngineArgs, arch: Any, max_model_len: int, caching: bool
+    ) -> None:
         num_blocks = self._num_kv_blocks(args)
-        if num_blocks * args.block_size < max_model_len:
+        # Every layer sliding (Mistral): blocks behind the window go back to the pool, and a
+        # sequence holds about one window plus one step.
+        window = get_model_class(arch).kv_window(arch)
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks,
+            args.block_size,
+            enable_caching=args.enable_prefix_caching and caching,
+            sliding_window=window,
+            max_step_tokens=self.scheduler_config.max_num_batched_tokens if window else None,
+        )
+        if not self.kv_cache_manager.can_fit(max_model_len):
+            held = self.kv_cache_manager.max_blocks_held(max_model_len)
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {args.block_size} tokens) cannot hold one "
-                f"sequence of max_model_len={max_model_len} tokens: raise kv_cache_memory or "
-                f"lower max_model_len"
+                f"sequence of max_model_len={max_model_len} tokens ({held} blocks"
+                f"{f' with its sliding window of {window}' if window else ''}): raise "
+                f"kv_cache_memory or lower max_model_len"
             )
         self.executor.collective_rpc("allocate_kv_cache", num_blocks, args.block_size)
         kv_mib = num_blocks * self.runner.kv_bytes_per_block(args.block_size) / 2**20
@@ -215,12 +229,10 @@ class LLMEngine:
             args.kv_cache_dtype,
         )
         logger.info(
-            "Maximum concurrency for %d tokens per request: %.2fx",
+            "Maximum concurrency for %d tokens per request: %.2fx%s",
             max_model_len,
-            num_blocks * args.block_size / max_model_len,
-        )
-        self.kv_cache_manager = KVCacheManager(
-            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching and caching
+            num_blocks / self.kv_cache_manager.max_blocks_held(max_model_len),
+            f" (blocks behind the {window}-token sliding window freed early)" if window else "",
         )
 
     @classmethod

@@ -114,3 +114,42 @@ def test_double_free_is_caught():
     pool.free(blocks)
     with pytest.raises(AssertionError):
         pool.free(blocks)
+
+
+def test_sliding_window_gives_back_blocks_behind_the_window():
+    """Window 6, blocks of 4: before a step starting at token c, blocks wholly before
+    c - 5 go back to the pool (still cached), so the request holds ~window + a step."""
+    kv = KVCacheManager(num_blocks=6, block_size=4, sliding_window=6, max_step_tokens=4)
+    r = _req("a", list(range(40)))
+    assert kv.max_blocks_held(10_000) == 4  # cdiv(5 + 4, 4) + 1
+    assert kv.can_fit(10_000) and not KVCacheManager(6, 4).can_fit(10_000)
+    held = []
+    for c in range(0, 40, 4):  # a 40-token prompt in chunks of 4: never more than 4 blocks
+        r.num_computed_tokens = c
+        assert kv.allocate_slots(r, 4) is not None
+        held.append(kv.num_held_blocks("a"))
+        # every block a query of this step may read is held: from c - 5 on
+        first_needed = max(0, c - 5) // 4
+        assert kv.num_freed_blocks.get("a", 0) <= first_needed
+    assert max(held) <= 4 and kv.num_free_blocks == 6 - held[-1]
+    assert len(kv.block_ids("a")) == 10  # the table keeps its places (old ids)
+    # a freed block keeps its prefix-cache entry until the pool hands it out again
+    freed = kv.block_ids("a")[: kv.num_freed_blocks["a"]]
+    waiting = [i for i in freed if i in kv.pool.free_queue]
+    assert waiting and all(kv.pool.blocks[i].key is not None for i in waiting)
+    kv.free(r)  # the freed leading blocks are not freed twice
+    assert kv.num_free_blocks == 6 and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_sliding_window_decodes_hold_a_constant_number_of_blocks():
+    kv = KVCacheManager(num_blocks=5, block_size=2, sliding_window=3, max_step_tokens=2)
+    r = _req("a", [1, 2, 3])
+    assert kv.allocate_slots(r, 3) is not None
+    r.num_computed_tokens = 3
+    for t in range(100):  # decode 100 tokens one at a time through a 5-block pool
+        r.append_output_token(t)
+        assert kv.allocate_slots(r, 1) is not None, t
+        r.num_computed_tokens += 1
+        assert kv.num_held_blocks("a") <= kv.max_blocks_held(r.num_tokens) <= 4
+    kv.free(r)
+    assert kv.num_free_blocks == 5

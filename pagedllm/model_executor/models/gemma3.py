@@ -136,10 +136,18 @@ class Gemma3Model(nn.Module):
         return self.norm(residual, torch.float32)
 
 
+def gemma3_kv_window(cfg: ArchConfig) -> int | None:
+    """The window when every layer is a sliding one (never in Gemma 3's own 5 : 1 pattern)."""
+    if cfg.sliding_window and all(k == "sliding_attention" for k in layer_kinds(cfg)):
+        return cfg.sliding_window
+    return None
+
+
 class Gemma3ForCausalLM(LlamaForCausalLM):
     """Loading, logits and LoRA names as the Llama family's; the layers above."""
 
     check_tensor_parallel = staticmethod(check_tensor_parallel)
+    kv_window = staticmethod(gemma3_kv_window)
     packed_modules_mapping = PACKED_MODULES
 
     def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup | None = None) -> None:

@@ -80,6 +80,13 @@ def layer_window(cfg: ArchConfig, layer: int) -> int | None:
     return cfg.sliding_window
 
 
+def kv_window(cfg: ArchConfig) -> int | None:
+    """The window every layer attends within (None: some layer reads the whole sequence): the
+    KV cache may free what lies behind it."""
+    windows = {layer_window(cfg, i) for i in range(cfg.num_layers)}
+    return windows.pop() if len(windows) == 1 else None
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self,
@@ -185,6 +192,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     check_tensor_parallel = staticmethod(check_tensor_parallel)
+    kv_window = staticmethod(kv_window)
     packed_modules_mapping = PACKED_MODULES  # also how LoRA adapters' names map (lora.py)
 
     def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup | None = None) -> None:
