@@ -24,7 +24,7 @@ def _case(q_dtype, cache_dtype, head_dim, heads, kv_heads, block_size, q_lens, s
     return q, kc, vc, tables, seq_lens, starts, head_dim**-0.5
 
 
-def _reference(q, kc, vc, tables, seq_lens, starts, scale):
+def _reference(q, kc, vc, tables, seq_lens, starts, scale, window=0):
     out = torch.zeros(q.shape, dtype=torch.float32)
     for b in range(len(seq_lens)):
         n, rows = int(seq_lens[b]), slice(int(starts[b]), int(starts[b + 1]))
@@ -32,19 +32,22 @@ def _reference(q, kc, vc, tables, seq_lens, starts, scale):
         k = kc[tables[b]].flatten(0, 1)[:n].transpose(0, 1).float()
         v = vc[tables[b]].flatten(0, 1)[:n].transpose(0, 1).float()
         # Query i is at position n - q_len + i and sees keys up to it.
-        mask = torch.arange(n)[None, :] <= (n - q_len + torch.arange(q_len))[:, None]
+        pos = (n - q_len + torch.arange(q_len))[:, None]
+        mask = torch.arange(n)[None, :] <= pos
+        if window:  # and sees only its last ``window`` keys
+            mask &= torch.arange(n)[None, :] > pos - window
         qb = q[rows].transpose(0, 1).float()
         res = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = res.transpose(0, 1)
     return out
 
 
-def _run(ops, q, kc, vc, tables, seq_lens, starts, scale):
+def _run(ops, q, kc, vc, tables, seq_lens, starts, scale, window=0):
     k_layout = kc.permute(0, 2, 3, 1).contiguous()  # [NB, Hkv, D, BS]
     v_layout = vc.permute(0, 2, 1, 3).contiguous()  # [NB, Hkv, BS, D]
     max_q = int((starts[1:] - starts[:-1]).max())
     return ops.paged_attention_multi(
-        q, k_layout, v_layout, tables, seq_lens, starts, scale, int(seq_lens.max()), max_q
+        q, k_layout, v_layout, tables, seq_lens, starts, scale, int(seq_lens.max()), max_q, window
     )
 
 
@@ -78,6 +81,20 @@ def test_matches_causal_reference(
     got = _run(ops, *case)
     ref = _reference(*case)
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("window", [1, 4, 16, 17, 37, 99, 1000])
+@pytest.mark.parametrize("q_dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sliding_window_matches_reference(ops, window, q_dtype, tol):
+    """Each query row sees only its last ``window`` keys: windows inside a block, on block
+    edges, shorter than the drafts, longer than some sequences or all of them."""
+    case = _case(
+        q_dtype, q_dtype, 64, 9, 3, 16, q_lens=[1, 5, 3, 2, 4], seq_lens=[1, 37, 3, 16, 100]
+    )
+    got = _run(ops, *case, window=window)
+    torch.testing.assert_close(got.float(), _reference(*case, window=window), rtol=tol, atol=tol)
+    if window < 37:  # and it is not attention over everything
+        assert not torch.allclose(got.float(), _reference(*case), rtol=tol, atol=tol)
 
 
 def test_single_query_rows_equal_the_decode_kernel(ops):

@@ -29,13 +29,19 @@ def fused_qkv(tokens, heads, kv_heads, seed=0, dtype=torch.bfloat16, dim=D):
     )
 
 
-def causal_fp32(q, k, v, scale):
-    """[L, H, D] -> [L, H, D], in fp32."""
+def causal_fp32(q, k, v, scale, window=0):
+    """[L, H, D] -> [L, H, D], in fp32; ``window``: each row sees its last that many keys."""
+    n = q.shape[0]
+    mask = None
+    if window:
+        i = torch.arange(n)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     res = F.scaled_dot_product_attention(
         q.float().transpose(0, 1),
         k.float().transpose(0, 1),
         v.float().transpose(0, 1),
-        is_causal=True,
+        attn_mask=mask,
+        is_causal=not window,
         scale=scale,
         enable_gqa=True,
     )
@@ -88,6 +94,30 @@ def test_matches_fp32_attention_for_ragged_sequences(ops, dtype, heads, kv_heads
         sdpa_err = (sdpa.float() - want).abs().max().item()
         assert err <= max(2 * sdpa_err, 1e-2), (n, err, sdpa_err)
     assert (out[~covered] == 7.0).all(), "rows outside the sequences were written"
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 17, 40, 300])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_sliding_window_matches_fp32_attention(ops, window, dtype, tol):
+    """Row i sees keys i - window + 1 .. i: windows inside and across the 16-key blocks and the
+    16-row tasks, longer than some sequences or all of them."""
+    lens = [1, 15, 17, 33, 100, 257]
+    starts, pos = [], 2
+    for n in lens:
+        starts.append(pos)
+        pos += n + 3
+    q, k, v = fused_qkv(pos, 9, 3, dtype=dtype)
+    scale = D**-0.5
+    out = torch.zeros(pos, 9, D, dtype=dtype)
+    ops.prefill_attention(q, k, v, torch.tensor(starts), torch.tensor(lens), out, scale, window)
+    for s, n in zip(starts, lens):
+        rows = slice(s, s + n)
+        want = causal_fp32(q[rows], k[rows], v[rows], scale, window)
+        err = (out[rows].float() - want).abs().max().item()
+        assert err < tol, (n, err)
+        if n >= window + 16:  # and it is not attention over everything
+            full = causal_fp32(q[rows], k[rows], v[rows], scale)
+            assert (out[rows].float() - full).abs().max() > 2 * tol
 
 
 @pytest.mark.parametrize("backend", backend_names())

@@ -57,16 +57,19 @@ class NativeAttentionBackend(TorchAttentionBackend):
         return f"{self.name} decode/verify kernels, fresh prefills on {prefill}"
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=None) -> torch.Tensor:
-        """Past a sliding window, the step's plain decodes run the decode kernel's window and
-        the rest the torch windowed path."""
+        """Past a sliding window, decodes (with or without drafts) and fresh prefills run the
+        kernels' windows, prefills on cached context the torch windowed path."""
         if window is not None and window_matters(meta, window):
 
             def decode_kernel(qd: torch.Tensor, d: DecodeMetadata) -> torch.Tensor:
-                return self.ops.paged_attention_decode(
-                    qd, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len, window
-                )
+                return self.decode(qd, k_cache, v_cache, d, scale, window)
 
-            return windowed_forward(q, k, v, k_cache, v_cache, meta, scale, window, decode_kernel)
+            def fresh_kernel(out: torch.Tensor) -> bool:
+                return self.prefill_fresh(q, k, v, meta, out, scale, window)
+
+            return windowed_forward(
+                q, k, v, k_cache, v_cache, meta, scale, window, decode_kernel, fresh_kernel
+            )
         return super().forward(q, k, v, k_cache, v_cache, meta, scale, window)
 
     def write_kv(self, k_cache, v_cache, k, v, slots) -> None:
@@ -86,12 +89,13 @@ class NativeAttentionBackend(TorchAttentionBackend):
         meta: AttentionMetadata,
         out: torch.Tensor,
         scale: float,
+        window: int | None = None,
     ) -> bool:
         if self.prefill_dtype is None or not q.dtype == k.dtype == self.prefill_dtype:
             return False
         assert meta.fresh_prefills is not None
         starts, lens = meta.fresh_prefills
-        self.ops.prefill_attention(q, k, v, starts, lens, out, scale)
+        self.ops.prefill_attention(q, k, v, starts, lens, out, scale, window or 0)
         return True
 
     def decode(
@@ -101,10 +105,12 @@ class NativeAttentionBackend(TorchAttentionBackend):
         v_cache: torch.Tensor,
         d: DecodeMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
+        window = window or 0
         if d.query_start_loc is None:
             return self.ops.paged_attention_decode(
-                q, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len
+                q, k_cache, v_cache, d.block_tables, d.seq_lens, scale, d.max_seq_len, window
             )
         # Sequences without drafts on the decode kernel: the verify kernel pads each
         # sequence's rows to its 8-row score tiles, ~2.7x the work for one query x 3 heads.
@@ -119,10 +125,18 @@ class NativeAttentionBackend(TorchAttentionBackend):
             scale,
             d.max_seq_len,
             d.max_query_len,
+            window,
         )
         if s == 0:
             return multi
         single = self.ops.paged_attention_decode(
-            q[:s], k_cache, v_cache, d.block_tables[:s], d.seq_lens[:s], scale, d.max_seq_len
+            q[:s],
+            k_cache,
+            v_cache,
+            d.block_tables[:s],
+            d.seq_lens[:s],
+            scale,
+            d.max_seq_len,
+            window,
         )
         return torch.cat([single, multi])

@@ -260,17 +260,18 @@ def windowed_forward(
     scale: float,
     window: int,
     decode_kernel: Callable[[torch.Tensor, DecodeMetadata], torch.Tensor] | None = None,
+    fresh_kernel: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention for every backend: each query row sees its last ``window``
-    keys (itself included), as transformers' sliding-window mask does. The step's decodes run
-    ``decode_kernel(q rows, decode metadata)`` (a backend's windowed decode kernel) when they
-    carry no drafts, else torch ops over their gathered blocks; prefills and chunks run SDPA
-    under a banded mask."""
+    keys (itself included), as transformers' sliding-window mask does. A backend with windowed
+    kernels passes them: ``decode_kernel(q rows, decode metadata)`` for the step's decodes
+    (drafts too), ``fresh_kernel(out)`` for every fresh prefill at once (False: none ran);
+    the rest run torch ops over the blocks the window reaches, under a banded mask."""
     out = q.new_zeros(q.shape)
     gqa = q.shape[1] != k.shape[1]
     block_size = v_cache.shape[2]
     d = meta.decode
-    if d is not None and decode_kernel is not None and d.query_start_loc is None:
+    if d is not None and decode_kernel is not None:
         out[: d.num_tokens] = decode_kernel(q[: d.num_tokens], d)
     elif d is not None:
         n = d.num_tokens
@@ -287,17 +288,21 @@ def windowed_forward(
         pos = d.seq_lens[seq_of_row] - q_lens[seq_of_row] + offset
         tables = d.block_tables[seq_of_row]
         out[:n] = _attend_rows(q[:n], k_cache, v_cache, tables, pos, block_size, scale, window, gqa)
-    for s in meta.prefills:
+    prefills = meta.prefills
+    if meta.fresh_prefills is not None and fresh_kernel is not None and fresh_kernel(out):
+        prefills = [s for s in prefills if s.block_table is not None]
+    for s in prefills:
         rows = slice(s.token_start, s.token_start + s.num_tokens)
         pos = s.start_pos + torch.arange(s.num_tokens, device=q.device)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)
         if s.block_table is None:  # nothing cached: the keys are this step's own
-            qs = q[rows].transpose(0, 1).unsqueeze(0)
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             kpos = pos
-        else:
-            qs = q[rows].transpose(0, 1).unsqueeze(0)
-            ks, vs = gather_kv(k_cache, v_cache, s.block_table, q.shape[-1], q.dtype)
-            kpos = torch.arange(ks.shape[1], device=q.device)
+        else:  # the blocks from the first query's window on
+            first_block = max(0, s.start_pos - window + 1) // block_size
+            table = s.block_table[first_block:]
+            ks, vs = gather_kv(k_cache, v_cache, table, q.shape[-1], q.dtype)
+            kpos = first_block * block_size + torch.arange(ks.shape[1], device=q.device)
         mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - window)
         res = F.scaled_dot_product_attention(
             qs, ks.unsqueeze(0), vs.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=gqa

@@ -46,7 +46,9 @@ class NativeOps:
         scale: float,
         max_seq_len: int,
         max_query_len: int,
+        window: int = 0,
     ) -> torch.Tensor:
+        """``window`` > 0: each query row attends only its last ``window`` keys."""
         return self._ops.paged_attention_multi(
             q.contiguous(),
             k_cache,
@@ -57,10 +59,12 @@ class NativeOps:
             scale,
             max_seq_len,
             max_query_len,
+            window,
         )
 
-    def prefill_attention(self, q, k, v, starts, lens, out, scale: float) -> None:
-        self._ops.prefill_attention(q, k, v, starts, lens, out, scale)
+    def prefill_attention(self, q, k, v, starts, lens, out, scale: float, window: int = 0) -> None:
+        """``window`` > 0: each row attends only its last ``window`` keys (itself included)."""
+        self._ops.prefill_attention(q, k, v, starts, lens, out, scale, window)
 
     def reshape_and_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         self._ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)

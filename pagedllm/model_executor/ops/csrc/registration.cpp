@@ -13,10 +13,10 @@ PAGEDLLM_LIBRARY(m) {
   m.def(
       "paged_attention_multi(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor query_start_loc, float scale, int max_seq_len, "
-      "int max_query_len) -> Tensor");
+      "int max_query_len, int window=0) -> Tensor");
   m.def(
       "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor lens, "
-      "Tensor(a!) out, float scale) -> ()");
+      "Tensor(a!) out, float scale, int window=0) -> ()");
   m.def(
       "reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping) -> ()");

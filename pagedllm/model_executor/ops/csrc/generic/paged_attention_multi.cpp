@@ -7,7 +7,9 @@
 //
 // Work is split over (sequence, kv head) as in the decode kernel, and all q_len x G query rows
 // of a task share one read of each K/V block: the point of verifying drafts is that the cache
-// is streamed once for several tokens. Row (i, g) attends keys [0, seq_len - q_len + i].
+// is streamed once for several tokens. Row (i, g) attends keys [0, seq_len - q_len + i], or in a
+// sliding-window layer (window > 0) the last ``window`` of them: blocks before the first row's
+// window are not read at all.
 //
 // With q_len x G rows multiplying each key, vector FMAs made this kernel compute-bound (5 query
 // tokens x 3 heads: 2.8x the decode kernel's time). In bf16 with head_dim 64 and at most 16
@@ -49,7 +51,7 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
                       const int64_t* seq_lens, const int64_t* query_start, T* out,
                       int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t bs,
                       int64_t max_blocks, float scale, int64_t max_seq_len,
-                      int64_t max_query_len) {
+                      int64_t max_query_len, int64_t window) {
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
   constexpr int NV = D / 16;
   // Rows per register pass over a V block: NV accumulators each, 16 at most.
@@ -68,6 +70,9 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
       const int64_t rows = q_len * group;
       const int64_t rows_k = round_up(rows, kScoreRows), rows_v = round_up(rows, kValueRows);
       const int64_t nblocks = (len + bs - 1) / bs;
+      // The first key any row sees (row 0's window), and its block.
+      const int64_t first_key = window > 0 ? std::max<int64_t>(0, len - q_len + 1 - window) : 0;
+      const int64_t blk0 = first_key / bs;
       const int64_t* table = tables + b * max_blocks;
       // Row r = i * group + g: query token i, query head hk * group + g. Pad rows stay zero.
       std::fill(qf.begin(), qf.begin() + std::max(rows_k, rows_v) * D, 0.f);
@@ -76,7 +81,7 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
         for (int64_t x = 0; x < group * D; ++x)
           qf[i * group * D + x] = static_cast<float>(qi[x]) * scale;
       }
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
+      for (int64_t blk = blk0; blk < nblocks; ++blk) {
         const C* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
         if (blk + 1 < nblocks)
           prefetch_slice(k_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
@@ -102,12 +107,17 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
       for (int64_t r = 0; r < rows_v; ++r) {
         float* s = scores.data() + r * ld;
         const int64_t visible = r < rows ? len - q_len + 1 + r / group : 0;
-        if (visible > 0) softmax(s, visible);
-        std::fill(s + visible, s + padded_len, 0.f);  // later keys (and pad rows) weigh 0
+        const int64_t lo = blk0 * bs;  // the first key read
+        // The row's window [from, visible) (pad rows: empty); keys outside it weigh 0.
+        const int64_t from = window > 0 ? std::max(lo, visible - window) : 0;
+        const int64_t to = std::max(from, visible);
+        if (visible > from) softmax(s + from, visible - from);
+        std::fill(s + lo, s + from, 0.f);
+        std::fill(s + to, s + padded_len, 0.f);
       }
       std::fill(acc.begin(), acc.begin() + rows_v * D, 0.f);
-      prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
+      prefetch_slice(v_cache + table[blk0] * block_stride + hk * head_stride, head_stride);
+      for (int64_t blk = blk0; blk < nblocks; ++blk) {
         const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
         if (blk + 1 < nblocks)
           prefetch_slice(v_cache + table[blk + 1] * block_stride + hk * head_stride, head_stride);
@@ -302,14 +312,14 @@ template <typename T, typename C>
 void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& tables, const at::Tensor& seq_lens,
                        const at::Tensor& query_start, at::Tensor& out, double scale,
-                       int64_t max_seq_len, int64_t max_query_len) {
+                       int64_t max_seq_len, int64_t max_query_len, int64_t window) {
   auto run = [&](auto d_tag) {
     multi_query_impl<T, C, decltype(d_tag)::value>(
         q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
         tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
         query_start.data_ptr<int64_t>(), out.data_ptr<T>(), seq_lens.size(0), q.size(1),
         k_cache.size(1), k_cache.size(3), tables.size(1), static_cast<float>(scale),
-        max_seq_len, max_query_len);
+        max_seq_len, max_query_len, window);
   };
   switch (q.size(2)) {
     case 16: run(std::integral_constant<int, 16>{}); break;
@@ -326,7 +336,9 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
 at::Tensor paged_attention_multi(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                                 double scale, int64_t max_seq_len, int64_t max_query_len) {
+                                 double scale, int64_t max_seq_len, int64_t max_query_len,
+                                 int64_t window) {
+  TORCH_CHECK(window >= 0, "paged_attention_multi: window must be >= 0");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "inputs must be contiguous");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
@@ -365,7 +377,7 @@ at::Tensor paged_attention_multi(const at::Tensor& q, const at::Tensor& k_cache,
 #ifdef PAGEDLLM_AMX
   if (q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
       q.size(2) == kAmxDim && max_query_len * (q.size(1) / k_cache.size(1)) <= kAmxRows &&
-      pagedllm::amx_usable()) {
+      window == 0 && pagedllm::amx_usable()) {
     multi_query_amx(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
                     v_cache.data_ptr<c10::BFloat16>(), bt.data_ptr<int64_t>(), s, st,
                     out.data_ptr<c10::BFloat16>(), seq_lens.size(0), q.size(1), k_cache.size(1),
@@ -375,21 +387,21 @@ at::Tensor paged_attention_multi(const at::Tensor& q, const at::Tensor& k_cache,
 #endif
   if (mixed) {
     dispatch_head_dim<float, c10::BFloat16>(q, k_cache, v_cache, bt, sl, qs, out, scale,
-                                            max_seq_len, max_query_len);
+                                            max_seq_len, max_query_len, window);
     return out;
   }
   switch (q.scalar_type()) {
     case at::kFloat:
       dispatch_head_dim<float, float>(q, k_cache, v_cache, bt, sl, qs, out, scale, max_seq_len,
-                                      max_query_len);
+                                      max_query_len, window);
       break;
     case at::kBFloat16:
       dispatch_head_dim<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, bt, sl, qs, out,
-                                                      scale, max_seq_len, max_query_len);
+                                                      scale, max_seq_len, max_query_len, window);
       break;
     case at::kHalf:
       dispatch_head_dim<c10::Half, c10::Half>(q, k_cache, v_cache, bt, sl, qs, out, scale,
-                                              max_seq_len, max_query_len);
+                                              max_seq_len, max_query_len, window);
       break;
     default:
       TORCH_CHECK(false, "paged_attention_multi: unsupported dtype ", q.scalar_type());

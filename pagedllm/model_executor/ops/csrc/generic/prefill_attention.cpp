@@ -13,6 +13,9 @@
 //                        pairs (vdpbf16ps: bf16 products are exact in fp32, as in a bf16 GEMM)
 //   P = exp((S - max) * scale)  over the keys each row sees (causal), fp32
 //   O[16, D] = P V / sum  fp32 FMAs, V read in place
+//
+// In a sliding-window layer (window > 0) row i sees keys i - window + 1 .. i: a task skips the
+// key blocks before its first row's window.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <omp.h>
@@ -179,7 +182,8 @@ inline void values_tile(const float* p, int64_t ld, int64_t n, const T* v, int64
 
 template <typename T, int D>
 void prefill_vec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::vector<PrefillSeq>& seqs, at::Tensor& out, float scale) {
+                 const std::vector<PrefillSeq>& seqs, at::Tensor& out, float scale,
+                 int64_t window) {
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
   constexpr int NV = D / W;
   constexpr bool pairs = kPairDot && std::is_same_v<T, c10::BFloat16>;
@@ -228,6 +232,8 @@ void prefill_vec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const PrefillSeq& s = seqs[t.seq];
       const int rows = static_cast<int>(std::min<int64_t>(kRows, s.len - t.row0));
       const int64_t n = t.row0 + rows;  // keys the last row sees
+      // The first key block any row of the task sees (its first row's window), as a key index.
+      const int64_t j0 = window > 0 ? std::max<int64_t>(0, t.row0 + 1 - window) / W * W : 0;
       const KT* kb = keys.data() + key_off[t.seq] + (t.head / group) * round16(s.len) * D;
       const T* q0 = qp + (s.start + t.row0) * q_stride + t.head * D;
       for (int i = 0; i < kRows; ++i)
@@ -242,7 +248,7 @@ void prefill_vec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // Key blocks the group's last row sees.
         const int64_t nkb = (t.row0 + std::min(r0 + kScoreRows, rows) + W - 1) / W;
         float* srow = sbuf.data() + r0 * ld;
-        int64_t b = 0;
+        int64_t b = j0 / W;
         if constexpr (pairs) {
 #if defined(__AVX512BF16__)
           const uint16_t* qr = qb.data() + r0 * D;
@@ -259,21 +265,27 @@ void prefill_vec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       for (int i = 0; i < kRows; ++i) {
         float* srow = sbuf.data() + i * ld;
-        if (i < rows)
-          inv_sum[i] = exp_row(srow, t.row0 + i + 1, n, scale);
-        else
-          std::fill(srow, srow + n, 0.f);  // pad rows of the last value tile weigh nothing
+        if (i < rows) {
+          const int64_t visible = t.row0 + i + 1;
+          const int64_t from = window > 0 ? std::max(j0, visible - window) : 0;
+          inv_sum[i] = exp_row(srow + from, visible - from, n - from, scale);
+          std::fill(srow + j0, srow + from, 0.f);  // keys before the row's window
+        } else {
+          std::fill(srow + j0, srow + n, 0.f);  // pad rows of the last value tile weigh nothing
+        }
       }
       const T* vb = vptr + s.start * kv_stride + (t.head / group) * D;
       for (int r0 = 0; r0 < rows; r0 += kValueRows) {
-        const int64_t nk = t.row0 + std::min(r0 + kValueRows, rows);  // keys of the group
-        const float* prow = sbuf.data() + r0 * ld;
+        // keys j0 .. nk of the group
+        const int64_t nk = t.row0 + std::min(r0 + kValueRows, rows) - j0;
+        const float* prow = sbuf.data() + r0 * ld + j0;
+        const T* vj = vb + j0 * kv_stride;
         float* orow = obuf.data() + r0 * D;
         int c0 = 0;
         for (; c0 + W * kValueVecs <= D; c0 += W * kValueVecs)
-          values_tile<T, D, kValueRows, kValueVecs>(prow, ld, nk, vb, kv_stride, c0, orow);
+          values_tile<T, D, kValueRows, kValueVecs>(prow, ld, nk, vj, kv_stride, c0, orow);
         if constexpr (NV % kValueVecs != 0)
-          values_tile<T, D, kValueRows, NV % kValueVecs>(prow, ld, nk, vb, kv_stride, c0, orow);
+          values_tile<T, D, kValueRows, NV % kValueVecs>(prow, ld, nk, vj, kv_stride, c0, orow);
       }
       for (int i = 0; i < rows; ++i) {
         T* dst = op + (s.start + t.row0 + i) * o_stride + t.head * D;
@@ -286,24 +298,27 @@ void prefill_vec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename T>
 void prefill_dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::vector<PrefillSeq>& seqs, at::Tensor& out, float scale) {
+                      const std::vector<PrefillSeq>& seqs, at::Tensor& out, float scale,
+                      int64_t window) {
   switch (q.size(2)) {
-    case 16: return prefill_vec<T, 16>(q, k, v, seqs, out, scale);
-    case 32: return prefill_vec<T, 32>(q, k, v, seqs, out, scale);
-    case 64: return prefill_vec<T, 64>(q, k, v, seqs, out, scale);
-    case 80: return prefill_vec<T, 80>(q, k, v, seqs, out, scale);
-    case 96: return prefill_vec<T, 96>(q, k, v, seqs, out, scale);
-    case 128: return prefill_vec<T, 128>(q, k, v, seqs, out, scale);
-    case 256: return prefill_vec<T, 256>(q, k, v, seqs, out, scale);
+    case 16: return prefill_vec<T, 16>(q, k, v, seqs, out, scale, window);
+    case 32: return prefill_vec<T, 32>(q, k, v, seqs, out, scale, window);
+    case 64: return prefill_vec<T, 64>(q, k, v, seqs, out, scale, window);
+    case 80: return prefill_vec<T, 80>(q, k, v, seqs, out, scale, window);
+    case 96: return prefill_vec<T, 96>(q, k, v, seqs, out, scale, window);
+    case 128: return prefill_vec<T, 128>(q, k, v, seqs, out, scale, window);
+    case 256: return prefill_vec<T, 256>(q, k, v, seqs, out, scale, window);
     default: TORCH_CHECK(false, "prefill_attention: head_dim ", q.size(2), " not supported");
   }
 }
 
 // q [T, Hq, D], k/v [T, Hkv, D] (rows of several sequences, heads contiguous), fp32 or bf16;
 // sequence i is rows starts[i] .. starts[i] + lens[i]; writes those rows of out [T, Hq, D].
+// window > 0: a sliding-window layer's width.
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& starts, const at::Tensor& lens, at::Tensor& out,
-                       double scale) {
+                       double scale, int64_t window) {
+  TORCH_CHECK(window >= 0, "prefill_attention: window must be >= 0");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat,
               "prefill_attention: fp32 or bf16 only");
@@ -330,11 +345,11 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   if (seqs.empty()) return;
   const float sc = static_cast<float>(scale);
-  if (pagedllm::prefill_attention_amx(q, k, v, seqs, out, sc)) return;
+  if (window == 0 && pagedllm::prefill_attention_amx(q, k, v, seqs, out, sc)) return;
   if (dtype == at::kBFloat16)
-    prefill_dispatch<c10::BFloat16>(q, k, v, seqs, out, sc);
+    prefill_dispatch<c10::BFloat16>(q, k, v, seqs, out, sc, window);
   else
-    prefill_dispatch<float>(q, k, v, seqs, out, sc);
+    prefill_dispatch<float>(q, k, v, seqs, out, sc, window);
 }
 
 }  // namespace
