@@ -112,6 +112,7 @@ class ModelRunner:
         for name, param in self.model.named_parameters():
             dtype = torch.float32 if keeps_fp32(name) else self.dtype
             param.data = param.data.to(device=self.device, dtype=dtype)
+        self.model.compute_dtype = self.dtype
         for layer in self.model.model.layers:
             layer.compute_dtype = self.dtype
         if self.quantization == "int8":
@@ -214,11 +215,22 @@ class ModelRunner:
     def _exact_logits(self, hidden: torch.Tensor) -> ExactLogits | None:
         """fp32 logits of a few tokens from the fp32 final hidden states: the greedy sampler
         settles near-ties of bf16 logits with them."""
-        weight = getattr(getattr(self.model, "lm_head", None), "weight", None)
-        if weight is None or weight.numel() == 0 or weight.dtype == torch.float32:
+        lm_head = getattr(self.model, "lm_head", None)
+        if lm_head is None or self.dtype == torch.float32 or self.tp.world_size > 1:
+            return None  # (with TP each rank holds a slice of the vocabulary's rows)
+        if lm_head.qweight is not None:  # quantized: decode just those rows, in fp32
+            if len(lm_head.qweight) != 1:
+                return None
+            (table,) = lm_head.qweight
+
+            def exact_rows(row: int, token_ids: torch.Tensor) -> torch.Tensor:
+                rows = lm_head.linear_backend.quantized_rows(table, token_ids, torch.float32)
+                return rows @ hidden[row].float()
+
+            return exact_rows
+        weight = lm_head.weight
+        if weight.numel() == 0 or weight.dtype == torch.float32:
             return None
-        if self.tp.world_size > 1:
-            return None  # each rank holds a slice of the vocabulary's rows
 
         def exact(row: int, token_ids: torch.Tensor) -> torch.Tensor:
             return weight[token_ids].float() @ hidden[row].float()

@@ -103,6 +103,13 @@ def test_bf16_answers(default_gguf):
     for (_, word), a, b in zip(QUESTIONS, alone, together):
         assert word in a.outputs[0].text and word in b.outputs[0].text
     assert_no_leak(llm.engine)
+    # bf16 logits from the quantized tied head; near-ties are settled in fp32 from its rows
+    runner = llm.engine.executor.runner
+    hidden = torch.randn(2, runner.model.config.hidden_size)
+    exact = runner._exact_logits(hidden)
+    ids = torch.tensor([5, 1000, 49151])
+    table = runner.model.model.embed_tokens.qweight.rows_at(ids).dequantize()
+    torch.testing.assert_close(exact(1, ids), table @ hidden[1], rtol=1e-5, atol=1e-4)
 
 
 def test_needs_a_gguf_file(tiny_llama_dir):

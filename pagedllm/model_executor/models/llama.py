@@ -193,6 +193,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     check_tensor_parallel = staticmethod(check_tensor_parallel)
     kv_window = staticmethod(kv_window)
+    compute_dtype = torch.float32  # the matmul dtype, set by the model runner
     packed_modules_mapping = PACKED_MODULES  # also how LoRA adapters' names map (lora.py)
 
     def __init__(self, cfg: ArchConfig, tp: TensorParallelGroup | None = None) -> None:
@@ -219,8 +220,8 @@ class LlamaForCausalLM(nn.Module):
         other tensor-parallel ranks). Left unwidened: greedy decoding takes the argmax of bf16
         logits as they are (exact), the sampler widens the rest to fp32 (a [B, V] fp32 copy was
         4 ms of a 110 ms decode step at B=160)."""
-        if self.lm_head.qweight is not None:  # fp32 logits from the blocks
-            return self.lm_head.logits(hidden)
+        if self.lm_head.qweight is not None:  # from the blocks, in the matmuls' dtype
+            return self.lm_head.logits(hidden.to(self.compute_dtype))
         weight = self.lm_head.weight
         return self.lm_head.logits(
             hidden if weight.dtype == hidden.dtype else hidden.to(weight.dtype)
