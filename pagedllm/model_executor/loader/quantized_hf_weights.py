@@ -50,10 +50,6 @@ class CheckpointQuantization:
     groups: tuple[tuple[tuple[str, ...], WeightScheme], ...] = ()
     ignore: tuple[str, ...] = ()
 
-    @property
-    def parts(self) -> tuple[str, ...]:
-        return ("weight_packed",) if self.method == "compressed-tensors" else ("qweight",)
-
     def scheme_for(self, module: str) -> WeightScheme | None:
         """The scheme a layer's weight was quantized with, None if left dense."""
         if self.method != "compressed-tensors":
@@ -331,7 +327,19 @@ def _complete(parts: dict, q: CheckpointQuantization, scheme: WeightScheme) -> b
 def _convert(parts, module: str, q: CheckpointQuantization, scheme: WeightScheme) -> QuantTensor:
     name = f"{module}.weight"
     if q.method == "awq":
-        return _awq_tensor(parts, name)
-    if q.method == "gptq":
-        return _gptq_tensor(parts, name, q, scheme)
-    return _compressed_tensor(parts, name, scheme)
+        tensor = _awq_tensor(parts, name)
+    elif q.method == "gptq":
+        tensor = _gptq_tensor(parts, name, q, scheme)
+    else:
+        tensor = _compressed_tensor(parts, name, scheme)
+    # The scales must be the config's groups: another count means another quantization.
+    cols = tensor.cols
+    group = cols if scheme.group_size == -1 else scheme.group_size
+    groups = parts.get("scales", parts.get("weight_scale"))
+    found = groups.shape[0 if q.method in ("awq", "gptq") else 1]
+    if cols % group or found != cols // group:
+        raise ValueError(
+            f"{name}: {found} scale groups for {cols} inputs, but the config says groups of"
+            f" {scheme.group_size}"
+        )
+    return tensor

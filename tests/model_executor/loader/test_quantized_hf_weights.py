@@ -180,3 +180,13 @@ def test_act_order_cannot_split_input_columns():
     assert qt.perm is not None
     with pytest.raises(ValueError, match="act order"):
         qt.columns(0, 32)
+
+
+def test_scales_that_disagree_with_the_group_size_are_refused():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (32, 128), dtype=torch.uint8)
+    parts = awq_tensors(codes, torch.rand(32, 2) + 0.1, torch.randint(0, 16, (32, 2)))  # g64
+    q = parse_quantization_config(quantization_config("awq", 4, 32, False, False), "c")  # g32
+    stream = [(f"model.layers.0.mlp.up_proj.{k}", v) for k, v in parts.items()]
+    with pytest.raises(ValueError, match="up_proj.weight: 2 scale groups for 128 inputs"):
+        list(iter_quantized_hf_weights(stream, q))
