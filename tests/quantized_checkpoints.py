@@ -3,9 +3,10 @@ into the model the exact weights the checkpoint's codes decode to (the reference
 
 compressed-tensors checkpoints are packed by the library itself (PackedQuantizationCompressor).
 AWQ and GPTQ packers are written here from the formats' specs, as AutoAWQ's
-``WQLinear_GEMM.from_linear`` and GPTQModel's pack/``dequantize_weight`` define them (those
-libraries need CUDA builds to install); tests/model_executor/loader/test_quantized_hf_weights.py
-checks them against fixtures those libraries' own code produced.
+``WQLinear_GEMM.from_linear`` and GPTQModel's pack/``dequantize_weight`` define them (both ship
+on PyPI as source distributions that build native extensions; the tests do not install them);
+tests/model_executor/loader/test_quantized_hf_weights.py checks them against fixtures those
+libraries' own packing code produced.
 """
 
 from __future__ import annotations

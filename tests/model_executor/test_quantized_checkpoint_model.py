@@ -19,9 +19,10 @@ from tests.utils import (
     make_tokenizer,
 )
 
-# (method, bits, group, symmetric, act order); hidden 64, intermediate 128
+# (method, bits, group, symmetric, act order); hidden 64, intermediate 128 (g128: 256, 512)
 FORMATS = {
     "awq_g32": ("awq", 4, 32, False, False),
+    "awq_g128": ("awq", 4, 128, False, False),
     "gptq4_g32_act_order": ("gptq", 4, 32, False, True),
     "gptq8_g64": ("gptq", 8, 64, True, False),
     "ct_int4_g32_sym": ("compressed-tensors", 4, 32, True, False),
@@ -36,7 +37,8 @@ def checkpoint_and_reference(request, tmp_path_factory):
     method, bits, group, sym, act_order = FORMATS[request.param]
     arch = "qwen2" if method == "gptq" else "llama"  # Qwen2: q/k/v biases beside the codes
     out = tmp_path_factory.mktemp(request.param)
-    model = load_hf_model(make_tiny_model_dir(out / "dense", arch))
+    wide = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64} if group == 128 else {}
+    model = load_hf_model(make_tiny_model_dir(out / "dense", arch, **wide))
     ckpt = str(out / "quantized")
     write_quantized_checkpoint(model, ckpt, method, bits, group, sym, act_order)
     make_tokenizer(ckpt)
