@@ -57,16 +57,20 @@ class AffineType(IntEnum):
 AFFINE_GROUPS = (128, 64, 32)
 
 
+def is_affine(qtype: int) -> bool:
+    return qtype in AffineType._value2member_map_
+
+
 def block_size(qtype: int) -> tuple[int, int]:
     """(weights, bytes) of one block."""
-    if qtype in AffineType._value2member_map_:
+    if is_affine(qtype):
         t = AffineType(qtype)
         return t.group, 8 + t.group * t.bits // 8
     return GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
 
 
 def qtype_name(qtype: int) -> str:
-    if qtype in AffineType._value2member_map_:
+    if is_affine(qtype):
         return AffineType(qtype).name
     return GGMLQuantizationType(qtype).name
 
@@ -111,7 +115,7 @@ class QuantTensor:
                 f"{what}: GPTQ act order (desc_act) spreads each group over the input columns,"
                 " so it cannot be split by input columns across tensor-parallel ranks"
             )
-        if (first % bw or count % bw) and self.qtype in AffineType._value2member_map_:
+        if (first % bw or count % bw) and is_affine(self.qtype):
             # Affine groups split losslessly into smaller ones, each keeping the scale and
             # offset: re-block at a size the split falls on (whole 32-weight runs).
             group = next(
@@ -137,7 +141,7 @@ class QuantTensor:
     def dequantize(self) -> torch.Tensor:
         """fp32 [rows, cols] in the input columns' own order, decoded in Python (gguf-py's
         reference decoder for GGUF blocks), independently of the kernel."""
-        if self.qtype in AffineType._value2member_map_:
+        if is_affine(self.qtype):
             values = _affine_values(self)
         else:
             blocks = dequantize(self.data.numpy(), GGMLQuantizationType(self.qtype))
