@@ -169,8 +169,4 @@ def quant_matmul(
 def quant_dequantized(ops: NativeOps, part: Any, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(part.shape, dtype=dtype)
     ops.quant_dequantize(part.data, int(part.qtype), out)
-    if part.perm is None:
-        return out
-    ordered = torch.empty_like(out)
-    ordered[:, part.perm] = out
-    return ordered
+    return part.in_input_order(out)

@@ -146,7 +146,10 @@ class QuantTensor:
         else:
             blocks = dequantize(self.data.numpy(), GGMLQuantizationType(self.qtype))
             values = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float32))
-        values = values.reshape(self.shape)
+        return self.in_input_order(values.reshape(self.shape))
+
+    def in_input_order(self, values: torch.Tensor) -> torch.Tensor:
+        """Decoded rows [n, cols], their columns put back in the inputs' order (act order)."""
         if self.perm is None:
             return values
         out = torch.empty_like(values)
