@@ -247,31 +247,22 @@ def _gptq_tensor(
             f"{name}: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and scales"
             f" {tuple(scales.shape)} do not fit one GPTQ layer"
         )
-    g_idx = parts.get("g_idx") if scheme.act_order else None
-    if scheme.act_order and g_idx is None:
-        raise ValueError(f"{name}: the checkpoint lacks its g_idx (desc_act is true)")
+    g_idx = parts["g_idx"] if scheme.act_order else None
     return _affine(codes.t().contiguous(), scales.t(), zeros.t(), bits, name, g_idx)
 
 
 def _compressed_tensor(
     parts: dict[str, torch.Tensor], name: str, scheme: WeightScheme
 ) -> QuantTensor:
-    keys = ["weight_packed", "weight_scale", "weight_shape"]
-    if scheme.zero_point:
-        keys.append("weight_zero_point")
-    if scheme.act_order:
-        keys.append("weight_g_idx")
-    found = _with_parts(parts, name, *keys)
-    packed, scales, shape = found[:3]
-    n, k = (int(v) for v in shape.tolist())
+    packed, scales = parts["weight_packed"], parts["weight_scale"]
+    n, k = (int(v) for v in parts["weight_shape"].tolist())
     bits, offset = scheme.bits, 1 << (scheme.bits - 1)
     codes = _unpack_bits(packed, bits, 1)[:, :k]
     if codes.shape != (n, k):
         raise ValueError(f"{name}: weight_packed {tuple(packed.shape)} does not hold [{n}, {k}]")
     zeros = torch.full(scales.shape, float(offset))
-    if scheme.zero_point:
-        zp = _unpack_bits(parts["weight_zero_point"], bits, 0)[:n]
-        zeros = zp.float() if zp.shape == scales.shape else zeros.new_empty(0)
+    if scheme.zero_point:  # (_affine checks its shape against the scales')
+        zeros = _unpack_bits(parts["weight_zero_point"], bits, 0)[:n].float()
     return _affine(codes, scales, zeros, bits, name, parts.get("weight_g_idx"))
 
 
@@ -312,20 +303,24 @@ def iter_quantized_hf_weights(
         raise ValueError(f"{module}: the checkpoint's quantized tensors are incomplete")
 
 
+def _required_parts(method: str, scheme: WeightScheme) -> tuple[str, ...]:
+    """The tensors a quantized layer needs before it can be converted."""
+    if method == "awq":
+        return ("qweight", "qzeros", "scales")
+    if method == "gptq":
+        return ("qweight", "qzeros", "scales") + (("g_idx",) if scheme.act_order else ())
+    need = ("weight_packed", "weight_scale", "weight_shape")
+    need += ("weight_zero_point",) if scheme.zero_point else ()
+    return need + (("weight_g_idx",) if scheme.act_order else ())
+
+
 def _complete(parts: dict, q: CheckpointQuantization, scheme: WeightScheme) -> bool:
-    if q.method == "awq":
-        need = ("qweight", "qzeros", "scales")
-    elif q.method == "gptq":
-        need = ("qweight", "qzeros", "scales") + (("g_idx",) if scheme.act_order else ())
-    else:
-        need = ("weight_packed", "weight_scale", "weight_shape")
-        need += ("weight_zero_point",) if scheme.zero_point else ()
-        need += ("weight_g_idx",) if scheme.act_order else ()
-    return all(k in parts for k in need)
+    return all(k in parts for k in _required_parts(q.method, scheme))
 
 
 def _convert(parts, module: str, q: CheckpointQuantization, scheme: WeightScheme) -> QuantTensor:
     name = f"{module}.weight"
+    _with_parts(parts, name, *_required_parts(q.method, scheme))  # raises, naming the missing
     if q.method == "awq":
         tensor = _awq_tensor(parts, name)
     elif q.method == "gptq":
