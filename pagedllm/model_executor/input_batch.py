@@ -27,6 +27,7 @@ import torch
 
 from pagedllm.model_executor.backends.attention_metadata import (
     AttentionMetadata,
+    CachedPrefills,
     DecodeMetadata,
     EncoderMetadata,
     PrefillSeq,
@@ -121,6 +122,15 @@ def build_inputs(
     ]
     fresh = num_decodes + np.flatnonzero(starts[num_decodes:] == 0)
     fresh_prefills = (to(cu[fresh]), to(q_lens[fresh])) if len(fresh) else None
+    cached = num_decodes + np.flatnonzero(starts[num_decodes:] > 0)
+    cached_prefills = None
+    if len(cached):
+        cached_prefills = CachedPrefills(
+            token_starts=to(cu[cached]),
+            num_tokens=to(q_lens[cached]),
+            start_pos=to(starts[cached]),
+            block_tables=to(table[cached, : int(num_blocks[cached].max())]),
+        )
     sample_rows = [i for i, s in enumerate(requests) if s.needs_sample]
     num_rows = np.fromiter(
         (1 + len(requests[i].spec_token_ids) for i in sample_rows), dtype=np.int64
@@ -158,6 +168,7 @@ def build_inputs(
             decode=decode,
             prefills=prefills,
             fresh_prefills=fresh_prefills,
+            cached_prefills=cached_prefills,
             token_rows=token_rows,
         ),
         sample_rows=sample_rows,

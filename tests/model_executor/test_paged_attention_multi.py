@@ -144,3 +144,21 @@ def test_amx_tile_path_matches_causal_reference(ops, block_size):
     got = _run(ops, *case)
     ref = _reference(*case)
     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_slots_past_the_sequence_are_never_read(ops, q_dtype):
+    """A block's slots past the sequence's end may hold anything (a freed block's old rows):
+    NaN there changes nothing, in the scores' tail or in a pair of value rows split by the end."""
+    case = list(_case(q_dtype, q_dtype, 64, 9, 3, 16, q_lens=[1, 5, 3, 2], seq_lens=[7, 37, 3, 17]))
+    clean = _run(ops, *case)
+    kc, vc, tables, seq_lens = case[1], case[2], case[3], case[4]
+    for b, n in enumerate(seq_lens.tolist()):
+        last = tables[b, (n - 1) // 16]
+        kc[last, n % 16 or 16 :] = float("nan")
+        vc[last, n % 16 or 16 :] = float("nan")
+        kc[tables[b, (n - 1) // 16 + 1 :]] = float("nan")  # whole blocks past the end
+        vc[tables[b, (n - 1) // 16 + 1 :]] = float("nan")
+    got = _run(ops, *case)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, clean, rtol=0, atol=0)

@@ -34,6 +34,19 @@ class PrefillSeq:
 
 
 @dataclass
+class CachedPrefills:
+    """The prefills with earlier tokens cached (start_pos > 0: a chunk after the first, a
+    prefix-cache hit), for a backend's paged prefill kernel: [P] int64 each, and the block
+    tables [P, max_blocks] (only each row's first blocks, up to start_pos + num_tokens, mean
+    anything)."""
+
+    token_starts: torch.Tensor
+    num_tokens: torch.Tensor
+    start_pos: torch.Tensor
+    block_tables: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     decode: DecodeMetadata | None
@@ -41,6 +54,7 @@ class AttentionMetadata:
     # The prefills with nothing cached (start_pos == 0) as (token_start, num_tokens) int64
     # tensors, for a backend's fresh-prefill kernel (generic/prefill_attention.cpp).
     fresh_prefills: tuple[torch.Tensor, torch.Tensor] | None = None
+    cached_prefills: CachedPrefills | None = None
     # Every scheduled token as a decode of its own context (its sequence's block table,
     # seq_len = position + 1), for a backend with ``per_token_rows``.
     token_rows: DecodeMetadata | None = None

@@ -4,8 +4,11 @@
   * decodes with drafts: the verify (multi-query) kernel, which reads each block once for all
     of a sequence's query tokens; on AMX its bf16 / head_dim 64 products run on tiles;
   * fresh prefills (nothing cached before them), fp32 or bf16: one call of the prefill kernel
-    (on the ISA's vector units; on AMX in bf16 with head_dim 64, on tiles); prefills over
-    cached blocks, and fp16, run torch SDPA as in TorchAttentionBackend.
+    (on the ISA's vector units; on AMX in bf16 with head_dim 64, on tiles);
+  * prefills over cached blocks (later chunks, prefix hits), fp32 or bf16 over a cache of
+    their dtype (or bf16 under fp32): one call of the paged prefill kernel, which reads every
+    key through the block tables (on the vector units on every ISA);
+  * the rest (fp16, an int8 cache's prefills) run torch SDPA as in TorchAttentionBackend.
 
 Its limits are the kernels' own, declared here next to the code that calls them.
 """
@@ -53,12 +56,12 @@ class NativeAttentionBackend(TorchAttentionBackend):
         return not int8_cache and block_size % 16 == 0
 
     def describe(self) -> str:
-        prefill = "the prefill kernel" if self.prefill_dtype else "torch SDPA"
-        return f"{self.name} decode/verify kernels, fresh prefills on {prefill}"
+        prefill = "the prefill kernels" if self.prefill_dtype else "torch SDPA"
+        return f"{self.name} decode/verify kernels, prefills on {prefill}"
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=None) -> torch.Tensor:
-        """Past a sliding window, decodes (with or without drafts) and fresh prefills run the
-        kernels' windows, prefills on cached context the torch windowed path."""
+        """Past a sliding window, decodes (with or without drafts) and prefills run the
+        kernels' windows."""
         if window is not None and window_matters(meta, window):
 
             def decode_kernel(qd: torch.Tensor, d: DecodeMetadata) -> torch.Tensor:
@@ -67,8 +70,21 @@ class NativeAttentionBackend(TorchAttentionBackend):
             def fresh_kernel(out: torch.Tensor) -> bool:
                 return self.prefill_fresh(q, k, v, meta, out, scale, window)
 
+            def cached_kernel(out: torch.Tensor) -> bool:
+                return self.prefill_cached(q, k_cache, v_cache, meta, out, scale, window)
+
             return windowed_forward(
-                q, k, v, k_cache, v_cache, meta, scale, window, decode_kernel, fresh_kernel
+                q,
+                k,
+                v,
+                k_cache,
+                v_cache,
+                meta,
+                scale,
+                window,
+                decode_kernel,
+                fresh_kernel,
+                cached_kernel,
             )
         return super().forward(q, k, v, k_cache, v_cache, meta, scale, window)
 
@@ -96,6 +112,36 @@ class NativeAttentionBackend(TorchAttentionBackend):
         assert meta.fresh_prefills is not None
         starts, lens = meta.fresh_prefills
         self.ops.prefill_attention(q, k, v, starts, lens, out, scale, window or 0)
+        return True
+
+    def prefill_cached(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+        scale: float,
+        window: int | None = None,
+    ) -> bool:
+        if self.prefill_dtype is None or q.dtype != self.prefill_dtype:
+            return False
+        if k_cache.dtype not in (q.dtype, torch.bfloat16):  # int8
+            return False
+        c = meta.cached_prefills
+        assert c is not None
+        self.ops.prefill_attention_paged(
+            q,
+            k_cache,
+            v_cache,
+            c.block_tables,
+            c.token_starts,
+            c.num_tokens,
+            c.start_pos,
+            out,
+            scale,
+            window or 0,
+        )
         return True
 
     def decode(

@@ -151,6 +151,10 @@ class TorchAttentionBackend:
         prefills = meta.prefills
         if meta.fresh_prefills is not None and self.prefill_fresh(q, k, v, meta, out, scale):
             prefills = [s for s in prefills if s.block_table is not None]
+        if meta.cached_prefills is not None and self.prefill_cached(
+            q, k_cache, v_cache, meta, out, scale
+        ):
+            prefills = [s for s in prefills if s.block_table is None]
         gqa = q.shape[1] != k.shape[1]
         for s in prefills:
             rows = slice(s.token_start, s.token_start + s.num_tokens)
@@ -186,6 +190,20 @@ class TorchAttentionBackend:
     ) -> bool:
         """Attend every fresh prefill (nothing cached) into ``out`` in one kernel call; False
         where this backend has no such kernel (each then runs one SDPA)."""
+        return False
+
+    def prefill_cached(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+        scale: float,
+    ) -> bool:
+        """Attend every prefill over cached context (``meta.cached_prefills``; its own K/V
+        already in the cache) into ``out`` in one kernel call; False where this backend has no
+        such kernel (each then runs one SDPA over its gathered blocks)."""
         return False
 
     def decode(
@@ -261,12 +279,14 @@ def windowed_forward(
     window: int,
     decode_kernel: Callable[[torch.Tensor, DecodeMetadata], torch.Tensor] | None = None,
     fresh_kernel: Callable[[torch.Tensor], bool] | None = None,
+    cached_kernel: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention for every backend: each query row sees its last ``window``
     keys (itself included), as transformers' sliding-window mask does. A backend with windowed
     kernels passes them: ``decode_kernel(q rows, decode metadata)`` for the step's decodes
-    (drafts too), ``fresh_kernel(out)`` for every fresh prefill at once (False: none ran);
-    the rest run torch ops over the blocks the window reaches, under a banded mask."""
+    (drafts too), ``fresh_kernel(out)`` for every fresh prefill at once and
+    ``cached_kernel(out)`` for every prefill over cached context (False: none ran); the rest
+    run torch ops over the blocks the window reaches, under a banded mask."""
     out = q.new_zeros(q.shape)
     gqa = q.shape[1] != k.shape[1]
     block_size = v_cache.shape[2]
@@ -291,6 +311,8 @@ def windowed_forward(
     prefills = meta.prefills
     if meta.fresh_prefills is not None and fresh_kernel is not None and fresh_kernel(out):
         prefills = [s for s in prefills if s.block_table is not None]
+    if meta.cached_prefills is not None and cached_kernel is not None and cached_kernel(out):
+        prefills = [s for s in prefills if s.block_table is None]
     for s in prefills:
         rows = slice(s.token_start, s.token_start + s.num_tokens)
         pos = s.start_pos + torch.arange(s.num_tokens, device=q.device)

@@ -66,6 +66,24 @@ class NativeOps:
         """``window`` > 0: each row attends only its last ``window`` keys (itself included)."""
         self._ops.prefill_attention(q, k, v, starts, lens, out, scale, window)
 
+    def prefill_attention_paged(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        starts,
+        lens,
+        ctx_lens,
+        out,
+        scale: float,
+        window: int = 0,
+    ) -> None:
+        """Chunks after ``ctx_lens`` cached tokens, every key read from the paged cache."""
+        self._ops.prefill_attention_paged(
+            q, k_cache, v_cache, block_tables, starts, lens, ctx_lens, out, scale, window
+        )
+
     def reshape_and_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         self._ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 

@@ -18,6 +18,10 @@ PAGEDLLM_LIBRARY(m) {
       "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor lens, "
       "Tensor(a!) out, float scale, int window=0) -> ()");
   m.def(
+      "prefill_attention_paged(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor starts, Tensor lens, Tensor ctx_lens, Tensor(a!) out, float scale, "
+      "int window=0) -> ()");
+  m.def(
       "reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping) -> ()");
   // Norms, RoPE, activation (generic/fused_ops.cpp).
