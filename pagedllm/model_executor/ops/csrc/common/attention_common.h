@@ -8,11 +8,6 @@
 
 #include "common/vec_math.h"
 
-#if defined(__AVX512BF16__)
-#include <c10/util/BFloat16.h>
-#include <immintrin.h>
-#endif
-
 namespace pagedllm {
 
 // Blocks of one sequence are scattered, so the hardware prefetcher cannot run ahead across
@@ -62,18 +57,5 @@ template <int D, typename T>
 inline void load_queries(const T* q, int64_t group, float scale, float* qf) {
   for (int64_t i = 0; i < group * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
 }
-
-#if defined(__AVX512BF16__)
-// p[0, n) to bf16 (nearest even, as vcvtneps2bf16), zeros on to ``padded``: the probabilities
-// of a P.V in pair dot products.
-inline void probs_to_bf16(const float* p, int64_t n, int64_t padded, uint16_t* out) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + j)));
-  for (; j < n; ++j) out[j] = c10::BFloat16(p[j]).x;
-  for (; j < padded; ++j) out[j] = 0;
-}
-#endif
 
 }  // namespace pagedllm

@@ -12,9 +12,7 @@
 // window are not read at all.
 //
 // With q_len x G rows multiplying each key, vector FMAs made this kernel compute-bound (5 query
-// tokens x 3 heads: 2.8x the decode kernel's time). In bf16 on AVX-512-BF16 the products are
-// pair dot products instead (multi_query_pairs: 18% off a 5-token verify on Zen 5, 1.8x the
-// decode kernel's time there). In bf16 with head_dim 64 and at most 16
+// tokens x 3 heads: 2.8x the decode kernel's time). In bf16 with head_dim 64 and at most 16
 // rows, on a CPU with AMX, the products run on tiles instead: each 16-key chunk of K^T and each
 // 32 keys of V are repacked into the tiles' pair-interleaved layout on the fly (a permute per 64
 // bytes), S = Q K^T and O = P V are tile dot products, and P is split into two bf16 parts as in
@@ -32,11 +30,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -51,40 +45,6 @@ constexpr int64_t kMaxRows = 64;  // q_len x query heads per kv head
 constexpr int kScoreRows = 8;      // query rows per register pass over a K block
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// One task of a call: a (sequence, kv head), its query rows r = i * group + g (query token i,
-// query head hk * group + g) and the blocks they read.
-struct VerifyTask {
-  int64_t b, hk, len, q0, q_len, rows, nblocks, blk0;
-  const int64_t* table;
-  VerifyTask(int64_t task, int64_t num_kv_heads, int64_t group, const int64_t* seq_lens,
-             const int64_t* query_start, const int64_t* tables, int64_t max_blocks, int64_t bs,
-             int64_t window)
-      : b(task / num_kv_heads), hk(task % num_kv_heads), len(seq_lens[b]), q0(query_start[b]),
-        q_len(query_start[b + 1] - q0), rows(q_len * group), nblocks((len + bs - 1) / bs),
-        table(tables + b * max_blocks) {
-    // The first key any row sees (row 0's window), and its block.
-    const int64_t first_key = window > 0 ? std::max<int64_t>(0, len - q_len + 1 - window) : 0;
-    blk0 = first_key / bs;
-  }
-};
-
-// Score rows 0 .. rows_v - 1 (from the first block read to the last) -> probabilities: each
-// row's softmax over the keys it sees, zeros elsewhere (pad rows past t.rows: all zeros).
-inline void verify_softmax(const VerifyTask& t, int64_t group, int64_t rows_v, int64_t bs,
-                           int64_t window, float* scores, int64_t ld) {
-  const int64_t lo = t.blk0 * bs, padded_len = t.nblocks * bs;  // the keys read
-  for (int64_t r = 0; r < rows_v; ++r) {
-    float* s = scores + r * ld;
-    const int64_t visible = r < t.rows ? t.len - t.q_len + 1 + r / group : 0;
-    // The row's window [from, visible) (pad rows: empty); keys outside it weigh 0.
-    const int64_t from = window > 0 ? std::max(lo, visible - window) : 0;
-    const int64_t to = std::max(from, visible);
-    if (visible > from) softmax(s + from, visible - from);
-    std::fill(s + lo, s + from, 0.f);
-    std::fill(s + to, s + padded_len, 0.f);
-  }
-}
 
 template <typename T, typename C, int D>
 void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* tables,
@@ -104,12 +64,16 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(rows_alloc * ld), qf(rows_alloc * D), acc(rows_alloc * D);
     for (int64_t task = begin; task < end; ++task) {
-      const VerifyTask t(task, num_kv_heads, group, seq_lens, query_start, tables, max_blocks, bs,
-                         window);
-      const int64_t b = t.b, hk = t.hk, len = t.len, q0 = t.q0, q_len = t.q_len, rows = t.rows;
-      const int64_t nblocks = t.nblocks, blk0 = t.blk0;
-      const int64_t* table = t.table;
+      const int64_t b = task / num_kv_heads, hk = task % num_kv_heads;
+      const int64_t len = seq_lens[b], q0 = query_start[b];
+      const int64_t q_len = query_start[b + 1] - q0;
+      const int64_t rows = q_len * group;
       const int64_t rows_k = round_up(rows, kScoreRows), rows_v = round_up(rows, kValueRows);
+      const int64_t nblocks = (len + bs - 1) / bs;
+      // The first key any row sees (row 0's window), and its block.
+      const int64_t first_key = window > 0 ? std::max<int64_t>(0, len - q_len + 1 - window) : 0;
+      const int64_t blk0 = first_key / bs;
+      const int64_t* table = tables + b * max_blocks;
       // Row r = i * group + g: query token i, query head hk * group + g. Pad rows stay zero.
       std::fill(qf.begin(), qf.begin() + std::max(rows_k, rows_v) * D, 0.f);
       for (int64_t i = 0; i < q_len; ++i) {
@@ -139,7 +103,18 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
           }
         }
       }
-      verify_softmax(t, group, rows_v, bs, window, scores.data(), ld);
+      const int64_t padded_len = nblocks * bs;
+      for (int64_t r = 0; r < rows_v; ++r) {
+        float* s = scores.data() + r * ld;
+        const int64_t visible = r < rows ? len - q_len + 1 + r / group : 0;
+        const int64_t lo = blk0 * bs;  // the first key read
+        // The row's window [from, visible) (pad rows: empty); keys outside it weigh 0.
+        const int64_t from = window > 0 ? std::max(lo, visible - window) : 0;
+        const int64_t to = std::max(from, visible);
+        if (visible > from) softmax(s + from, visible - from);
+        std::fill(s + lo, s + from, 0.f);
+        std::fill(s + to, s + padded_len, 0.f);
+      }
       std::fill(acc.begin(), acc.begin() + rows_v * D, 0.f);
       prefetch_slice(v_cache + table[blk0] * block_stride + hk * head_stride, head_stride);
       for (int64_t blk = blk0; blk < nblocks; ++blk) {
@@ -183,7 +158,17 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
   });
 }
 
-#if defined(__AVX512BF16__)
+#ifdef PAGEDLLM_AMX
+
+using pagedllm::accumulate_pv;
+using pagedllm::configure_tiles;
+using pagedllm::softmax_split_rows;
+using pagedllm::store_output_tiles;
+using pagedllm::store_scaled_row;
+
+constexpr int kAmxDim = 64;   // head_dim
+constexpr int kAmxRows = 16;  // query rows of a task: one tile
+
 // Permutes that interleave two rows of 16 bf16: element 2j <- a[j], 2j + 1 <- b[j]. `rows`: a
 // and b are the halves of one register (K^T rows 2dp and 2dp + 1); `lo` / `hi`: the first /
 // second 16 elements of two registers (V rows 2kp and 2kp + 1).
@@ -199,171 +184,6 @@ struct Interleave {
     rows = _mm512_load_si512(r), lo = _mm512_load_si512(l), hi = _mm512_load_si512(h);
   }
 };
-
-// Rows 2 dp and 2 dp + 1 of 16 columns of a K^T block (row stride bs), interleaved:
-//   out[j][e] = K^T[2 dp + e][c + j]
-inline __m512i key_pair(const uint16_t* kt, int64_t bs, const Interleave& il) {
-  const __m512i x =
-      bs == 16 ? _mm512_loadu_si512(kt)
-               : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
-                                        reinterpret_cast<const __m256i*>(kt))),
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kt + bs)),
-                                    1);
-  return _mm512_permutexvar_epi16(il.rows, x);
-}
-
-// 16 dims of two V rows (b may be null: a key past the sequence, taken as zeros), interleaved:
-//   out[d][e] = (a, b)[e][d]
-inline __m512i value_pair(const uint16_t* a, const uint16_t* b, const Interleave& il) {
-  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-  const __m256i hi =
-      b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : _mm256_setzero_si256();
-  return _mm512_permutexvar_epi16(il.rows,
-                                  _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-}
-
-// bf16 on AVX-512-BF16 (where AMX tiles do not run it): the products of multi_query_impl as
-// pair dot products (vdpbf16ps, 32 products an instruction, exact in fp32 as in a bf16 GEMM)
-// instead of fp32 FMAs over converted bf16: each 16-key chunk of K^T is interleaved into pairs
-// of dims once for all rows, each block of V into pairs of keys, and P is rounded to bf16 (as
-// flash attention does).
-template <int D>
-void multi_query_pairs(const c10::BFloat16* q, const c10::BFloat16* k_cache,
-                       const c10::BFloat16* v_cache, const int64_t* tables,
-                       const int64_t* seq_lens, const int64_t* query_start, c10::BFloat16* out,
-                       int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t bs,
-                       int64_t max_blocks, float scale, int64_t max_seq_len,
-                       int64_t max_query_len, int64_t window) {
-  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
-  constexpr int NV = D / 16;
-  constexpr int kValueRows = std::max(1, std::min(8, 16 / NV));
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t head_stride = D * bs;
-  const int64_t block_stride = num_kv_heads * head_stride;
-  const int64_t ld = round_up(std::max<int64_t>(max_seq_len, 1), bs);
-  const int64_t rows_alloc = round_up(max_query_len * group, kScoreRows * kValueRows);
-  const auto* qp = reinterpret_cast<const uint16_t*>(q);
-  const auto* kc = reinterpret_cast<const uint16_t*>(k_cache);
-  const auto* vc = reinterpret_cast<const uint16_t*>(v_cache);
-  const Interleave il;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(rows_alloc * ld), acc(rows_alloc * D);
-    std::vector<uint16_t> pb(rows_alloc * ld), qb(rows_alloc * D);
-    std::vector<uint16_t> kbuf(D / 2 * 32), vbuf(bs / 2 * NV * 32);
-    for (int64_t task = begin; task < end; ++task) {
-      const VerifyTask t(task, num_kv_heads, group, seq_lens, query_start, tables, max_blocks, bs,
-                         window);
-      const int64_t hk = t.hk, len = t.len, q0 = t.q0, q_len = t.q_len, rows = t.rows;
-      const int64_t nblocks = t.nblocks, blk0 = t.blk0;
-      const int64_t* table = t.table;
-      const int64_t rows_k = round_up(rows, kScoreRows), rows_v = round_up(rows, kValueRows);
-      std::fill(qb.begin(), qb.begin() + std::max(rows_k, rows_v) * D, 0);
-      for (int64_t i = 0; i < q_len; ++i)
-        std::memcpy(qb.data() + i * group * D, qp + ((q0 + i) * num_heads + hk * group) * D,
-                    group * D * sizeof(uint16_t));
-      for (int64_t blk = blk0; blk < nblocks; ++blk) {
-        const uint16_t* kt = kc + table[blk] * block_stride + hk * head_stride;
-        if (blk + 1 < nblocks)
-          prefetch_slice(kc + table[blk + 1] * block_stride + hk * head_stride, head_stride);
-        if (blk + kFarAhead < nblocks)
-          prefetch_slice<1>(kc + table[blk + kFarAhead] * block_stride + hk * head_stride,
-                            head_stride);
-        for (int64_t c = 0; c < bs; c += 16) {
-          for (int dp = 0; dp < D / 2; ++dp)
-            _mm512_storeu_si512(kbuf.data() + dp * 32, key_pair(kt + 2 * dp * bs + c, bs, il));
-          for (int64_t r0 = 0; r0 < rows_k; r0 += kScoreRows) {
-            const uint16_t* qr = qb.data() + r0 * D;
-            __m512 a[kScoreRows];
-#pragma GCC unroll 8
-            for (int r = 0; r < kScoreRows; ++r) a[r] = _mm512_setzero_ps();
-            for (int dp = 0; dp < D / 2; ++dp) {
-              const __m512bh kv = (__m512bh)_mm512_loadu_si512(kbuf.data() + dp * 32);
-#pragma GCC unroll 8
-              for (int r = 0; r < kScoreRows; ++r) {
-                int32_t pair;
-                std::memcpy(&pair, qr + r * D + 2 * dp, 4);
-                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(pair), kv);
-              }
-            }
-            const __m512 sc = _mm512_set1_ps(scale);
-#pragma GCC unroll 8
-            for (int r = 0; r < kScoreRows; ++r)
-              _mm512_storeu_ps(scores.data() + (r0 + r) * ld + blk * bs + c,
-                               _mm512_mul_ps(a[r], sc));
-          }
-        }
-      }
-      verify_softmax(t, group, rows_v, bs, window, scores.data(), ld);
-      const int64_t lo = blk0 * bs;
-      for (int64_t r = 0; r < rows_v; ++r)
-        pagedllm::probs_to_bf16(scores.data() + r * ld + lo, nblocks * bs - lo, nblocks * bs - lo,
-                                pb.data() + r * ld + lo);
-      std::fill(acc.begin(), acc.begin() + rows_v * D, 0.f);
-      prefetch_slice(vc + table[blk0] * block_stride + hk * head_stride, head_stride);
-      for (int64_t blk = blk0; blk < nblocks; ++blk) {
-        const uint16_t* vb = vc + table[blk] * block_stride + hk * head_stride;
-        if (blk + 1 < nblocks)
-          prefetch_slice(vc + table[blk + 1] * block_stride + hk * head_stride, head_stride);
-        if (blk + kFarAhead < nblocks)
-          prefetch_slice<1>(vc + table[blk + kFarAhead] * block_stride + hk * head_stride,
-                            head_stride);
-        const int64_t n = std::min<int64_t>(bs, len - blk * bs);
-        const int64_t np = (n + 1) / 2;
-        for (int64_t jp = 0; jp < np; ++jp) {
-          const uint16_t* va = vb + 2 * jp * D;
-          const uint16_t* vn = 2 * jp + 1 < n ? va + D : nullptr;  // past the sequence: zeros
-          for (int c = 0; c < NV; ++c)
-            _mm512_storeu_si512(vbuf.data() + (jp * NV + c) * 32,
-                                value_pair(va + 16 * c, vn ? vn + 16 * c : nullptr, il));
-        }
-        for (int64_t r0 = 0; r0 < rows_v; r0 += kValueRows) {
-          float* ar = acc.data() + r0 * D;
-          const uint16_t* p0 = pb.data() + r0 * ld + blk * bs;
-          __m512 va[kValueRows][NV];
-#pragma GCC unroll 8
-          for (int r = 0; r < kValueRows; ++r)
-#pragma GCC unroll 16
-            for (int c = 0; c < NV; ++c) va[r][c] = _mm512_loadu_ps(ar + r * D + 16 * c);
-          for (int64_t jp = 0; jp < np; ++jp) {
-            __m512bh vv[NV];
-#pragma GCC unroll 16
-            for (int c = 0; c < NV; ++c)
-              vv[c] = (__m512bh)_mm512_loadu_si512(vbuf.data() + (jp * NV + c) * 32);
-#pragma GCC unroll 8
-            for (int r = 0; r < kValueRows; ++r) {
-              int32_t pair;
-              std::memcpy(&pair, p0 + r * ld + 2 * jp, 4);
-              const __m512bh pr = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 16
-              for (int c = 0; c < NV; ++c) va[r][c] = _mm512_dpbf16_ps(va[r][c], pr, vv[c]);
-            }
-          }
-#pragma GCC unroll 8
-          for (int r = 0; r < kValueRows; ++r)
-#pragma GCC unroll 16
-            for (int c = 0; c < NV; ++c) _mm512_storeu_ps(ar + r * D + 16 * c, va[r][c]);
-        }
-      }
-      for (int64_t i = 0; i < q_len; ++i) {
-        c10::BFloat16* oi = out + ((q0 + i) * num_heads + hk * group) * D;
-        for (int64_t x = 0; x < group * D; ++x)
-          oi[x] = static_cast<c10::BFloat16>(acc[i * group * D + x]);
-      }
-    }
-  });
-}
-#endif  // __AVX512BF16__
-
-#ifdef PAGEDLLM_AMX
-
-using pagedllm::accumulate_pv;
-using pagedllm::configure_tiles;
-using pagedllm::softmax_split_rows;
-using pagedllm::store_output_tiles;
-using pagedllm::store_scaled_row;
-
-constexpr int kAmxDim = 64;   // head_dim
-constexpr int kAmxRows = 16;  // query rows of a task: one tile
 
 // 16 keys of K^T [64][bs] (columns c .. c + 15) -> the two B tiles of S = Q K^T:
 //   out[dp][j][e] = K^T[2 dp + e][c + j]   (dp 0..15, then 16..31)
@@ -494,17 +314,6 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
                        const at::Tensor& query_start, at::Tensor& out, double scale,
                        int64_t max_seq_len, int64_t max_query_len, int64_t window) {
   auto run = [&](auto d_tag) {
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>) {
-      multi_query_pairs<decltype(d_tag)::value>(
-          q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
-          tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
-          query_start.data_ptr<int64_t>(), out.data_ptr<T>(), seq_lens.size(0), q.size(1),
-          k_cache.size(1), k_cache.size(3), tables.size(1), static_cast<float>(scale),
-          max_seq_len, max_query_len, window);
-      return;
-    }
-#endif
     multi_query_impl<T, C, decltype(d_tag)::value>(
         q.data_ptr<T>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
         tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),

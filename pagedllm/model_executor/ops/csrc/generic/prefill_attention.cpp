@@ -18,8 +18,8 @@
 //                        pairs (vdpbf16ps: bf16 products are exact in fp32, as in a bf16 GEMM)
 //   P = exp((S - max) * scale)  over the keys each row sees (causal), fp32
 //   O[16, D] = P V / sum  fp32 FMAs over V read in place; in bf16 with AVX-512-BF16, pair dot
-//                        products of P rounded to bf16 (as flash attention does) and V
-//                        repacked in pairs of keys (28% off a bf16 prefill on Zen 5)
+//                        products of P split into two bf16 parts (as the AMX kernel does) and
+//                        V repacked in pairs of keys
 //
 // In a sliding-window layer (window > 0) row i sees keys i - window + 1 .. i: a task skips the
 // key blocks before its first row's window.
@@ -34,7 +34,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/attention_common.h"
 #include "common/prefill_seqs.h"
 #include "common/registration.h"
 #include "common/vec_math.h"
@@ -201,12 +200,35 @@ void repack_value_pairs(int64_t len, RowOf&& row_of, uint16_t* out) {
   }
 }
 
+// p[0, n) as the sum of two bf16 parts, hi = bf16(p) and lo = bf16(p - hi) (nearest even, as
+// vcvtneps2bf16), zeros on to ``padded``: the probabilities of a P.V in pair dot products,
+// to ~2^-16 of p (P rounded once to bf16 flipped a near-tie in a bf16 GGUF model's answer).
+inline void probs_split_bf16(const float* p, int64_t n, int64_t padded, uint16_t* hi,
+                             uint16_t* lo) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x = _mm512_loadu_ps(p + j);
+    const __m256bh h = _mm512_cvtneps_pbh(x);
+    const __m512 hf = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + j), (__m256i)h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, hf)));
+  }
+  for (; j < n; ++j) {
+    const c10::BFloat16 h(p[j]);
+    hi[j] = h.x;
+    lo[j] = c10::BFloat16(p[j] - static_cast<float>(h)).x;
+  }
+  for (; j < padded; ++j) hi[j] = lo[j] = 0;
+}
+
 // values_tile in bf16 pairs: O rows 0 .. RB - 1, dims c0 .. c0 + 16 NV - 1 = P . V over
-// ``npairs`` pairs of keys, P in bf16 [rows][ldp], V as repack_value_pairs lays it out (the
-// products exact in fp32, as in a bf16 GEMM; P rounded to bf16 as flash attention does).
+// ``npairs`` pairs of keys, P as two bf16 parts [rows][ldp] (hi at p, lo at p + lo_off), V as
+// repack_value_pairs lays it out (the products exact in fp32, as in a bf16 GEMM).
 template <int D, int RB, int NV>
-inline void values_pairs(const uint16_t* p, int64_t ldp, int64_t npairs, const uint16_t* vp,
-                         int c0, float* o) {
+inline void values_pairs(const uint16_t* p, int64_t ldp, int64_t lo_off, int64_t npairs,
+                         const uint16_t* vp, int c0, float* o) {
   __m512 a[RB][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < RB; ++r)
@@ -219,11 +241,13 @@ inline void values_pairs(const uint16_t* p, int64_t ldp, int64_t npairs, const u
       vv[c] = (__m512bh)_mm512_loadu_si512(vp + jp * 2 * D + (c0 + 16 * c) * 2);
 #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, p + r * ldp + 2 * jp, 4);
-      const __m512bh pr = (__m512bh)_mm512_set1_epi32(pair);
+      int32_t hi, lo;
+      std::memcpy(&hi, p + r * ldp + 2 * jp, 4);
+      std::memcpy(&lo, p + lo_off + r * ldp + 2 * jp, 4);
+      const __m512bh ph = (__m512bh)_mm512_set1_epi32(hi), pl = (__m512bh)_mm512_set1_epi32(lo);
 #pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) a[r][c] = _mm512_dpbf16_ps(a[r][c], pr, vv[c]);
+      for (int c = 0; c < NV; ++c)
+        a[r][c] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a[r][c], ph, vv[c]), pl, vv[c]);
     }
   }
 #pragma GCC unroll 4
@@ -278,7 +302,7 @@ void attend_chunks(const at::Tensor& q, at::Tensor& out, int64_t hkv,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_units; ++i) prepare(i);
     std::vector<float> sbuf(kRows * ld), obuf(kRows * D), qf(kRows * D);
-    std::vector<uint16_t> qb(kRows * D), pb(pairs ? kRows * ld : 0);
+    std::vector<uint16_t> qb(kRows * D), pb(pairs ? 2 * kRows * ld : 0);  // P: hi, lo
     float inv_sum[kRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ti = 0; ti < num_tasks; ++ti) {
@@ -334,7 +358,8 @@ void attend_chunks(const at::Tensor& q, at::Tensor& out, int64_t hkv,
         const uint16_t* vp = values_of(t.chunk, t.head / group) + j0 * D;  // from key j0 on
         const int64_t padded = (n - j0 + 1) / 2 * 2;
         for (int i = 0; i < kRows; ++i)
-          pagedllm::probs_to_bf16(sbuf.data() + i * ld + j0, n - j0, padded, pb.data() + i * ld);
+          probs_split_bf16(sbuf.data() + i * ld + j0, n - j0, padded,
+                                     pb.data() + i * ld, pb.data() + (kRows + i) * ld);
         for (int r0 = 0; r0 < rows; r0 += kValueRows) {
           // pairs of keys from j0 of the group (its last row's keys, rounded up to a pair)
           const int64_t np = (p0 + std::min(r0 + kValueRows, rows) - j0 + 1) / 2;
@@ -342,9 +367,10 @@ void attend_chunks(const at::Tensor& q, at::Tensor& out, int64_t hkv,
           float* orow = obuf.data() + r0 * D;
           int c0 = 0;
           for (; c0 + W * kValueVecs <= D; c0 += W * kValueVecs)
-            values_pairs<D, kValueRows, kValueVecs>(prow, ld, np, vp, c0, orow);
+            values_pairs<D, kValueRows, kValueVecs>(prow, ld, kRows * ld, np, vp, c0, orow);
           if constexpr (NV % kValueVecs != 0)
-            values_pairs<D, kValueRows, NV % kValueVecs>(prow, ld, np, vp, c0, orow);
+            values_pairs<D, kValueRows, NV % kValueVecs>(prow, ld, kRows * ld, np, vp, c0,
+                                                          orow);
         }
 #endif
       } else {
