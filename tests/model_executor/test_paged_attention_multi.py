@@ -149,7 +149,7 @@ def test_amx_tile_path_matches_causal_reference(ops, block_size):
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_slots_past_the_sequence_are_never_read(ops, q_dtype):
     """A block's slots past the sequence's end may hold anything (a freed block's old rows):
-    NaN there changes nothing, in the scores' tail or in a pair of value rows split by the end."""
+    NaN there changes nothing, in the last block's tail or in whole blocks past the end."""
     case = list(_case(q_dtype, q_dtype, 64, 9, 3, 16, q_lens=[1, 5, 3, 2], seq_lens=[7, 37, 3, 17]))
     clean = _run(ops, *case)
     kc, vc, tables, seq_lens = case[1], case[2], case[3], case[4]
