@@ -116,6 +116,9 @@ void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* 
       const int64_t nblocks = (len + bs - 1) / bs;
       const int64_t* table = block_tables + b * max_blocks + keys.skip;
       load_queries<D>(q + (b * num_heads + hk * group) * D, group, scale, qf.data());
+      // The loop prefetches kFarAhead blocks ahead: start its first kFarAhead here.
+      for (int64_t blk = 1; blk < std::min(nblocks, kFarAhead); ++blk)
+        prefetch_slice<1>(k_cache + table[blk] * block_stride + hk * head_stride, head_stride);
       // scores[g, j] = q_g . k_j, one block (bs keys) at a time
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const C* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
@@ -186,10 +189,21 @@ void decode_impl(const T* q, const C* k_cache, const C* v_cache, const int64_t* 
           }
         }
       }
+      // V's first blocks load while the softmax runs.
+      prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
+      for (int64_t blk = 1; blk < std::min(nblocks, kFarAhead); ++blk)
+        prefetch_slice<1>(v_cache + table[blk] * block_stride + hk * head_stride, head_stride);
       for (int64_t g = 0; g < group; ++g)
         windowed_softmax(scores.data() + g * max_len_padded, len, masked);
+      if (task + 1 < end) {  // and the next task's first K blocks while V is read
+        const int64_t nb2 = task + 1, b2 = nb2 / num_kv_heads, hk2 = nb2 % num_kv_heads;
+        const KeyRange keys2(seq_lens[b2], window, bs);
+        const int64_t* table2 = block_tables + b2 * max_blocks + keys2.skip;
+        const int64_t n2 = std::min<int64_t>((keys2.len + bs - 1) / bs, kFarAhead);
+        for (int64_t blk = 0; blk < n2; ++blk)
+          prefetch_slice<1>(k_cache + table2[blk] * block_stride + hk2 * head_stride, head_stride);
+      }
       // out_g = sum_j p_gj v_j
-      prefetch_slice(v_cache + table[0] * block_stride + hk * head_stride, head_stride);
       if constexpr (G > 0 && D % kLanes == 0) {
         // G x D accumulators, NC registers per query head at a time: one pass over V on
         // AVX-512; on AVX2 (3 x 64 floats = 24 ymm of 16) two, the second from L2.
