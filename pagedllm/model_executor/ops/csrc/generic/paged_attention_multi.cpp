@@ -122,7 +122,9 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
       const int64_t len = seq_lens[b], q0 = query_start[b];
       const int64_t q_len = query_start[b + 1] - q0;
       const int64_t rows = q_len * group;
-      const int64_t rows_k = round_up(rows, kPairs && rows > 8 ? 16 : kScoreRows);
+      // Score rows computed: pair passes take 4, 8, 12 or 16 rows (a plain decode among the
+      // verified sequences, 1 token x 3 heads, computes 4 rows, not 8).
+      const int64_t rows_k = round_up(rows, kPairs ? 4 : kScoreRows);
       const int64_t rows_v = round_up(rows, kValueRows);
       const int64_t nblocks = (len + bs - 1) / bs;
       // The first key any row sees (row 0's window), and its block.
@@ -144,6 +146,11 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
             qf[i * group * D + x] = static_cast<float>(qi[x]) * scale;
         }
       }
+      // As in the decode kernel: the first blocks' prefetches, which the loops' kFarAhead
+      // prefetch does not cover (of K here, of V before the softmax, and of the next task's K
+      // while V is read).
+      for (int64_t blk = blk0 + 1; blk < std::min(nblocks, blk0 + kFarAhead); ++blk)
+        prefetch_slice<1>(k_cache + table[blk] * block_stride + hk * head_stride, head_stride);
       for (int64_t blk = blk0; blk < nblocks; ++blk) {
         const C* __restrict kt = k_cache + table[blk] * block_stride + hk * head_stride;
         if (blk + 1 < nblocks)
@@ -153,15 +160,20 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
                             head_stride);
 #if defined(__AVX512BF16__)
         if constexpr (kPairs) {
+          const auto* kt16 = reinterpret_cast<const uint16_t*>(kt);
           for (int64_t c = 0; c < bs; c += 16) {
-            float* sc = scores.data() + blk * bs + c;
-            if (rows_k > 8) {
-              for (int64_t r0 = 0; r0 < rows_k; r0 += 16)
-                scores_pairs<16>(qb.data() + r0 * D, D, reinterpret_cast<const uint16_t*>(kt),
-                                 bs, c, D, interleave, scale, sc + r0 * ld, ld);
-            } else {
-              scores_pairs<8>(qb.data(), D, reinterpret_cast<const uint16_t*>(kt), bs, c, D,
-                              interleave, scale, sc, ld);
+            for (int64_t r0 = 0; r0 < rows_k; r0 += 16) {
+              auto pass = [&](auto r_tag) {
+                scores_pairs<decltype(r_tag)::value>(qb.data() + r0 * D, D, kt16, bs, c, D,
+                                                     interleave, scale,
+                                                     scores.data() + r0 * ld + blk * bs + c, ld);
+              };
+              switch (std::min<int64_t>(16, rows_k - r0)) {  // a multiple of 4
+                case 4: pass(std::integral_constant<int, 4>{}); break;
+                case 8: pass(std::integral_constant<int, 8>{}); break;
+                case 12: pass(std::integral_constant<int, 12>{}); break;
+                default: pass(std::integral_constant<int, 16>{});
+              }
             }
           }
           continue;
@@ -183,6 +195,8 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
         }
       }
       const int64_t padded_len = nblocks * bs;
+      for (int64_t blk = blk0; blk < std::min(nblocks, blk0 + kFarAhead); ++blk)
+        prefetch_slice<1>(v_cache + table[blk] * block_stride + hk * head_stride, head_stride);
       for (int64_t r = 0; r < rows_v; ++r) {
         float* s = scores.data() + r * ld;
         const int64_t visible = r < rows ? len - q_len + 1 + r / group : 0;
@@ -196,6 +210,17 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
       }
       std::fill(acc.begin(), acc.begin() + rows_v * D, 0.f);
       prefetch_slice(v_cache + table[blk0] * block_stride + hk * head_stride, head_stride);
+      if (task + 1 < end) {
+        const int64_t b2 = (task + 1) / num_kv_heads, hk2 = (task + 1) % num_kv_heads;
+        const int64_t len2 = seq_lens[b2], q_len2 = query_start[b2 + 1] - query_start[b2];
+        const int64_t first2 =
+            window > 0 ? std::max<int64_t>(0, len2 - q_len2 + 1 - window) / bs : 0;
+        const int64_t* table2 = tables + b2 * max_blocks;
+        for (int64_t blk = first2; blk < std::min((len2 + bs - 1) / bs, first2 + kFarAhead);
+             ++blk)
+          prefetch_slice<1>(k_cache + table2[blk] * block_stride + hk2 * head_stride,
+                            head_stride);
+      }
       for (int64_t blk = blk0; blk < nblocks; ++blk) {
         const C* __restrict vb = v_cache + table[blk] * block_stride + hk * head_stride;
         if (blk + 1 < nblocks)
