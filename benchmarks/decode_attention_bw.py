@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument(
-        "--isa", default=None, help="whose decode kernel: avx2, avx512, amx (default: the best)"
+        "--isa",
+        default=None,
+        help="whose decode kernel: avx2, avx512, avx512bf16, amx (default: the best)",
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--stream-mib", type=int, default=1024, help="size of the streaming read")

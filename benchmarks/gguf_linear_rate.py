@@ -6,7 +6,7 @@ weights decoded to bf16 and packed for oneDNN (what the engine runs without the 
 several row counts. All 121 projections per pass, so the weights come from memory as in the
 engine. Prints the median time of one pass and the ratio (quantized / dense).
 
-  .venv/bin/python benchmarks/gguf_linear_rate.py [--rows 1 8 16 24 64 256 2048] [--isa avx512]
+  .venv/bin/python benchmarks/gguf_linear_rate.py [--rows 1 8 16 24 64 256 2048] [--isa avx512bf16]
       [--dtype bfloat16|float32] [--repeats 7]
 """
 

@@ -123,7 +123,8 @@ class EngineArgs:
 
 def auto_dtype(device: str | None) -> str:
     """``--dtype auto``: bfloat16 where the hardware multiplies bf16 natively (CPUs with
-    AVX512-BF16/AMX, CUDA GPUs with bf16), float32 elsewhere (emulated bf16 is slower there).
+    AVX512-BF16/AMX, CUDA GPUs with bf16), float32 elsewhere (bf16 runs on fp32 FMAs there: no
+    faster, less exact).
     bf16 keeps the residual stream, norms, softmax and logits in fp32; its answers are checked
     for coherence against fp32 in tests/entrypoints/test_bf16_default.py."""
     if device is None:

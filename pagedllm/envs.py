@@ -32,7 +32,8 @@ def log_level() -> str:
 
 def cpu_isa() -> str:
     """Which CPU kernels to run: ``auto`` (the best this CPU runs and set-up built), ``amx``,
-    ``avx512``, ``avx2``, or ``torch`` (no native kernels: comparisons and debugging)."""
+    ``avx512bf16``, ``avx512``, ``avx2``, or ``torch`` (no native kernels: comparisons and
+    debugging)."""
     return os.environ.get("PAGEDLLM_CPU_ISA", "auto").strip().lower() or "auto"
 
 

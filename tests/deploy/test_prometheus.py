@@ -225,3 +225,12 @@ def _send_load(url: str) -> None:
     for t in threads:
         t.join()
     assert not errors, errors
+    # More 400s after the load: on a slow machine each client may get no further than its first
+    # (bad) request before the load ends, all before the series' first scrape, and rate() reads
+    # a counter that never moved after its first sample as 0.
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(3):
+            assert (
+                http.post("/v1/completions", json={"prompt": "x", "max_tokens": -1}).status_code
+                == 400
+            )

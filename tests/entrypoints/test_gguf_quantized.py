@@ -87,14 +87,16 @@ def test_greedy_in_a_batch_of_40_matches_transformers(smol_q, chat_ids, hf_outpu
 QUESTIONS = [  # (question, the word its answer must hold)
     ("What is the capital of Japan?", "Tokyo"),
     ("What is 2 + 2?", "4"),
-    ("Which planet is known as the Red Planet?", "Mars"),
+    ("What is the largest ocean on Earth?", "Pacific"),
 ]
 
 
 def test_bf16_answers(default_gguf):
     """bf16 (weights rounded to bf16 as they are decoded), one request at a time (per-row
     kernel, prefill included) and the three together. (Not the France question: its first
-    token is a near-tie of "The" and "L" in bf16, docs/architecture.md.)"""
+    token is a near-tie of "The" and "L" in bf16, docs/architecture.md; nor the Red Planet's,
+    whose answer says "Mars" or drifts into "a planet in the habitable zone" by the summation
+    order: on Zen 5 by bf16 rounding once, on an Intel Xeon without AVX512-BF16 by the ISA.)"""
     llm = LLM(default_gguf, dtype="bfloat16", quantization="gguf", max_model_len=1024)
     params = SamplingParams(temperature=0.0, max_tokens=24)
     chats = [[{"role": "user", "content": q}] for q, _ in QUESTIONS]

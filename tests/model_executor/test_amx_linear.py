@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.cpu_info import onednn_packs_bf16
+from pagedllm.cpu_info import has_native_bf16, onednn_packs_bf16
 from pagedllm.model_executor.backends.linear import AMX_LINEAR_MAX_ROWS, pack_amx
 from pagedllm.model_executor.layers.linear import Linear, pack_linear_weights
 from pagedllm.model_executor.ops import native_ops
@@ -87,14 +87,18 @@ def test_linear_uses_the_kernel_for_small_steps_only(amx_ops, monkeypatch):
 @pytest.mark.parametrize("out_features,bias", [(48, False), (64, True)])
 def test_no_kernel_for_shapes_it_cannot_take(backend, out_features, bias):
     """48 outputs are not a multiple of 32; the kernel adds no bias: oneDNN serves them (its
-    packed bf16 layout where this CPU has it, else the plain weight)."""
+    packed bf16 layout where this CPU has bf16 dot products, packed in fp32 where it has none,
+    else the plain weight)."""
     layer = Linear(64, out_features, bias=bias).to(torch.bfloat16)
     get_backend(backend, torch.bfloat16).bind(layer)
     weight = layer.weight.detach().double()
     bias = 0 if layer.bias is None else layer.bias.detach().double()
     pack_linear_weights(layer)
     assert layer.amx_weight is None
-    assert (layer.packed_weight is not None) == onednn_packs_bf16()
+    if has_native_bf16():
+        assert (layer.packed_weight is not None) == onednn_packs_bf16()
+    else:  # widened: bf16 products are exact in fp32
+        assert layer.packed_weight is not None and layer.packed_weight.dtype == torch.float32
     x = torch.randn(3, 64).to(torch.bfloat16)
     with torch.inference_mode():
         want = x.double() @ weight.t() + bias

@@ -23,7 +23,7 @@ def select(isa: str, head_dim: int = 64, block_size: int = 16, int8: bool = Fals
 
 def test_every_isa_this_cpu_runs_is_built_and_available():
     # make setup builds them all: a lower ISA is tested on a higher machine (avx2 on any
-    # x86-64-v3 CPU, avx512 on an AMX Xeon too).
+    # x86-64-v3 CPU, avx512 and avx512bf16 on an AMX Xeon too).
     assert [b.name for b in available_backends()] == [*runnable_isas(), "torch"]
 
 
@@ -44,7 +44,7 @@ def test_each_isa_can_be_chosen(isa):
 def test_unknown_or_unrunnable_isa_is_a_clear_error():
     with pytest.raises(ValueError, match="PAGEDLLM_CPU_ISA must be one of"):
         select("sse2")
-    missing = [isa for isa in ("amx", "avx512", "avx2") if isa not in runnable_isas()]
+    missing = [isa for isa in ("amx", "avx512bf16", "avx512", "avx2") if isa not in runnable_isas()]
     for isa in missing:
         with pytest.raises(ValueError, match="this CPU cannot run it"):
             select(isa)

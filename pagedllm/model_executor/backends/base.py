@@ -17,7 +17,7 @@ from pagedllm.model_executor.backends.torch_attention import TorchAttentionBacke
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "torch", "avx2", "avx512", "amx"
+    name: str  # "torch", "avx2", "avx512", "avx512bf16", "amx"
     attention: TorchAttentionBackend
     linear: TorchLinearBackend
     kernels: TorchKernels

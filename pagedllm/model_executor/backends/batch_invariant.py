@@ -129,7 +129,8 @@ def batch_invariant(backend: Backend, dtype: torch.dtype) -> Backend:
     activation and argmax already are)."""
     if not isinstance(backend.kernels, NativeKernels):
         raise ValueError(
-            "--deterministic runs on the native CPU kernels (avx512, avx2, amx); this engine "
+            "--deterministic runs on the native CPU kernels (amx, avx512bf16, avx512, avx2); "
+            "this engine "
             f"would run on {backend.name} (a CUDA device, PAGEDLLM_CPU_ISA=torch, or kernels "
             "not built)"
         )

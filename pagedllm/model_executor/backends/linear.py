@@ -3,8 +3,13 @@ which kernel each step's matmul runs, by its row count.
 
 TorchLinearBackend: on CPU the weight is pre-packed once for oneDNN's blocked layout, in bf16
 (plain bf16 matmuls re-pack it on every call, which made small-batch decode slower in bf16 than
-in fp32) and in fp32 (packed fp32 against F.linear, the model's projections on AMD EPYC Zen 4:
-8.9 vs 16.7 ms at 16 rows, 37.6 vs 74.5 at 128, 148 vs 187 at 512, 621 vs 796 at 2,048);
+in fp32) where the CPU has bf16 dot products (AVX512-BF16, AMX); elsewhere a bf16 weight is
+widened and packed in fp32, at twice the bytes: each product of two bf16 is exact in fp32, so
+this is the sum a bf16 GEMM makes, on FMAs instead of oneDNN's bf16 emulation (576->3072 at 16,
+128, 512 rows: 0.88 vs 2.53, 5.1 vs 19.1, 24.3 vs 80.0 ms; Intel Xeon model 207 with
+AVX-512 but no AVX512-BF16). fp32 weights are packed too (against F.linear, the model's
+projections on AMD EPYC Zen 4: 8.9 vs 16.7 ms at 16 rows, 37.6 vs 74.5 at 128, 148 vs 187 at
+512, 621 vs 796 at 2,048);
 ``--quantization int8`` steps of few rows use torch's int8 kernel; ``--quantization gguf``
 and AWQ/GPTQ/compressed-tensors weights are decoded to dense ones once (it has no kernel for
 quantized blocks).
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pagedllm.cpu_info import onednn_packs_bf16
+from pagedllm.cpu_info import has_native_bf16, onednn_packs_bf16
 from pagedllm.model_executor.ops.native import NativeOps
 
 # Batch-size hint for the packed layout; measured to serve 1..1024 rows equally well.
@@ -62,7 +67,8 @@ class TorchLinearBackend:
     pads_rows = True
 
     def describe(self) -> str:
-        return "oneDNN (packed weights)"
+        widened = "" if has_native_bf16() else ", bf16 ones widened to fp32"
+        return f"oneDNN (packed weights{widened})"
 
     def can_pack(self, weight: torch.Tensor) -> bool:
         return (
@@ -70,10 +76,16 @@ class TorchLinearBackend:
             and (
                 weight.dtype == torch.float32
                 or (weight.dtype == torch.bfloat16 and onednn_packs_bf16())
+                or self.widens(weight)
             )
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         )
+
+    @staticmethod
+    def widens(weight: torch.Tensor) -> bool:
+        """A bf16 weight on a CPU without bf16 dot products is packed in fp32."""
+        return weight.dtype == torch.bfloat16 and not has_native_bf16()
 
     def prepare(self, layer: Any) -> None:
         """Once the weight is final (loaded, converted): the packed copies this backend runs."""
@@ -82,8 +94,9 @@ class TorchLinearBackend:
             layer.weight.data = weight.to(layer.weight.device, layer.weight.dtype)
             layer.qweight = None
         if self.can_pack(layer.weight):
+            weight = layer.weight.detach()
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-                layer.weight.detach(), PACK_BATCH_HINT
+                weight.float() if self.widens(weight) else weight, PACK_BATCH_HINT
             )
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +104,14 @@ class TorchLinearBackend:
             out = self.int8_matmul(x.to(layer.weight.dtype), layer.int8_weight, layer.int8_scales)
             return out if layer.bias is None else out + layer.bias
         if layer.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(
-                x.to(layer.weight.dtype), layer.packed_weight, layer.bias, "none", [], ""
+            packed = layer.packed_weight
+            bias = layer.bias
+            if bias is not None and bias.dtype != packed.dtype:
+                bias = bias.to(packed.dtype)
+            out = torch.ops.mkldnn._linear_pointwise(
+                x.to(packed.dtype), packed, bias, "none", [], ""
             )
+            return out.to(layer.weight.dtype)
         return F.linear(x, layer.weight, layer.bias)
 
     def int8_matmul(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Choose the backend once, from the device, the model's dtype and shapes, and the CPU's ISA.
 
-``PAGEDLLM_CPU_ISA`` (auto | amx | avx512 | avx2 | torch) picks a lower ISA on a higher machine,
-or the torch backend; ``auto`` takes the best ISA this CPU runs whose kernels are built. A model
-the native attention kernels cannot take (a head size they have no instance for, an int8 cache
-with a block size that is not a multiple of 16) runs its attention on torch, and the log says so.
+``PAGEDLLM_CPU_ISA`` (auto | amx | avx512bf16 | avx512 | avx2 | torch) picks a lower ISA on a
+higher machine, or the torch backend; ``auto`` takes the best ISA this CPU runs whose kernels are
+built. A model the native attention kernels cannot take (a head size they have no instance for,
+an int8 cache with a block size that is not a multiple of 16) runs its attention on torch, and
+the log says so.
 """
 
 from __future__ import annotations

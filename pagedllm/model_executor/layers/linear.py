@@ -17,7 +17,7 @@ from pagedllm.model_executor.layers.quant_tensor import QuantTensor, row_segment
 
 class Linear(nn.Linear):
     linear_backend = TORCH_BACKEND.linear  # bound by the model runner (Backend.bind)
-    packed_weight: torch.Tensor | None = None  # oneDNN's blocked bf16 layout
+    packed_weight: torch.Tensor | None = None  # oneDNN's blocked layout (a bf16 one may be fp32)
     amx_weight: torch.Tensor | None = None  # amx_linear's tile layout
     int8_weight: torch.Tensor | None = None  # [out, in] int8, with int8_scales [out]
     int8_scales: torch.Tensor | None = None

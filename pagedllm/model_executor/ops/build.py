@@ -1,5 +1,5 @@
 """Build the native kernels for every ISA this CPU runs (or those named):
-``python -m pagedllm.model_executor.ops.build [avx2|avx512|amx ...] [-v]``."""
+``python -m pagedllm.model_executor.ops.build [avx2|avx512|avx512bf16|amx ...] [-v]``."""
 
 from __future__ import annotations
 

@@ -2,11 +2,13 @@
 
 Each ISA is compiled for its own instruction set (never ``-march=native``) into its own op
 namespace, ``torch.ops.pagedllm_<isa>``, so one machine builds, loads and tests every ISA it
-can execute: an AMX Xeon runs the avx512 and avx2 libraries too, a Zen 4 runs avx512 and avx2.
+can execute: an AMX Xeon runs the avx512bf16, avx512 and avx2 libraries too, a Zen 4 runs
+avx512bf16, avx512 and avx2, an Ice Lake (or a VM that hides AVX512-BF16) avx512 and avx2.
 
-    avx2     x86-64-v3 (AVX2 + FMA), 256-bit vectors
-    avx512   x86-64-v4 + AVX-512-BF16/VNNI, 512-bit vectors
-    amx      avx512 + AMX tiles (the AMX kernels compile only here)
+    avx2        x86-64-v3 (AVX2 + FMA), 256-bit vectors
+    avx512      x86-64-v4 (AVX-512 F/BW/VL/DQ), 512-bit vectors, bf16 converted to fp32 for FMAs
+    avx512bf16  avx512 + AVX-512-BF16/VNNI: bf16 dot products on vdpbf16ps
+    amx         avx512bf16 + AMX tiles (the AMX kernels compile only here)
 """
 
 from __future__ import annotations
@@ -50,19 +52,22 @@ COMMON_CFLAGS = (
     "-fno-math-errno",
     "-fno-trapping-math",
 )
-_AVX512 = ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mprefer-vector-width=512")
+_AVX512 = ("-march=x86-64-v4", "-mprefer-vector-width=512")
+_AVX512BF16 = (*_AVX512, "-mavx512bf16", "-mavx512vnni")
 ISA_CFLAGS = {
     "avx2": ("-march=x86-64-v3", "-mprefer-vector-width=256"),
     "avx512": _AVX512,
-    "amx": (*_AVX512, "-mamx-tile", "-mamx-bf16", "-mamx-int8"),
+    "avx512bf16": _AVX512BF16,
+    "amx": (*_AVX512BF16, "-mamx-tile", "-mamx-bf16", "-mamx-int8"),
 }
 # What a CPU must report (/proc/cpuinfo flags) to run each ISA's library.
 ISA_CPU_FLAGS = {
     "avx2": {"avx2", "fma", "f16c", "bmi2"},
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"},
     "amx": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16", "amx_tile"},
 }
-ISAS = ("amx", "avx512", "avx2")  # best first
+ISAS = ("amx", "avx512bf16", "avx512", "avx2")  # best first
 
 
 def runnable_isas() -> tuple[str, ...]:

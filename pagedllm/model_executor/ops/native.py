@@ -145,7 +145,7 @@ class NativeOps:
     @property
     def bf16_pairs(self) -> bool:
         """Built with AVX512-BF16: kernels take bf16 weights as VNNI pairs (vdpbf16ps)."""
-        return self.isa in ("avx512", "amx")
+        return self.isa in ("avx512bf16", "amx")
 
     @functools.cached_property
     def amx_supported(self) -> bool:
