@@ -111,3 +111,26 @@ def test_perm_gathers_x_columns_first(ops, m):
             assert torch.equal(got, want)
     with pytest.raises(RuntimeError, match="perm"):
         ops.quant_linear(torch.randn(2, 256), w, int(AffineType.A4G32), False, perm[:100])
+
+
+@pytest.mark.parametrize("bf16_native", [True, False])
+def test_bf16_steps_run_in_fp32_where_bf16_is_emulated(ops, monkeypatch, bf16_native):
+    """Without bf16 dot products the backend widens bf16 x (exactly) and runs the kernel in fp32,
+    whose big steps then use torch's fp32 GEMM, not its emulated bf16 one; with them, bf16."""
+    from pagedllm.model_executor.backends import linear as linear_backend
+
+    monkeypatch.setattr(linear_backend, "has_native_bf16", lambda: bf16_native)
+    w, _ = _weights(Q.Q4_1, 64, 512)
+    part = type("Part", (), {"data": w, "qtype": Q.Q4_1, "perm": None})()
+    seen = []
+    kernel = ops.quant_linear
+    monkeypatch.setattr(ops, "quant_linear", lambda x, *a: seen.append(x.dtype) or kernel(x, *a))
+    backend = linear_backend.NativeLinearBackend(ops)
+    x = torch.randn(48, 512).bfloat16()
+    y = backend.quantized_matmul((part,), x)
+    assert y.dtype == torch.bfloat16
+    if bf16_native:
+        assert seen == [torch.bfloat16]
+    else:
+        assert seen == [torch.float32]
+        assert torch.equal(y, kernel(x.float(), w, int(Q.Q4_1), False, None).bfloat16())
