@@ -115,9 +115,7 @@ def build_inputs(
             in_place,
         )
     prefills = [
-        _prefill_seq(
-            int(cu[i]), int(q_lens[i]), int(starts[i]), table[i, : num_blocks[i]], block_size, to
-        )
+        _prefill_seq(int(cu[i]), int(q_lens[i]), int(starts[i]), table[i, : num_blocks[i]], to)
         for i in range(num_decodes, n)
     ]
     fresh = num_decodes + np.flatnonzero(starts[num_decodes:] == 0)
@@ -233,11 +231,7 @@ def _decode_meta(table, seq_lens, query_start, block_size, to, in_place: bool) -
     )
 
 
-def _prefill_seq(token_start, q_len, start, table, block_size, to) -> PrefillSeq:
-    if start == 0:
-        return PrefillSeq(token_start, q_len, 0, None, None)
-    # Part of the context is cached: attend the gathered blocks (whole blocks, so the tail past
-    # the sequence is masked too). Query at position p sees every key at position <= p.
-    q_pos = start + np.arange(q_len)
-    mask = np.arange(len(table) * block_size)[None, :] <= q_pos[:, None]
-    return PrefillSeq(token_start, q_len, start, to(table), to(mask))
+def _prefill_seq(token_start, q_len, start, table, to) -> PrefillSeq:
+    """A prefill chunk; with part of its context cached, the blocks that hold it (a backend
+    without a paged prefill kernel gathers them)."""
+    return PrefillSeq(token_start, q_len, start, to(table) if start else None)

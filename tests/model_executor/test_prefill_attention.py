@@ -151,7 +151,7 @@ def test_fresh_and_cached_prefills_in_one_batch(backend):
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(64, dtype=torch.long),
         decode=None,
-        prefills=[PrefillSeq(0, 40, 0, None, None), PrefillSeq(40, 24, 16, table, mask)],
+        prefills=[PrefillSeq(0, 40, 0, None), PrefillSeq(40, 24, 16, table)],
         fresh_prefills=(torch.tensor([0]), torch.tensor([40])),
         cached_prefills=CachedPrefills(
             torch.tensor([40]), torch.tensor([24]), torch.tensor([16]), table[None]

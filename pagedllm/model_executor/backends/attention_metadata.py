@@ -30,7 +30,6 @@ class PrefillSeq:
     num_tokens: int
     start_pos: int  # tokens already in the cache before this step
     block_table: torch.Tensor | None  # [num_blocks] int64, when start_pos > 0
-    key_mask: torch.Tensor | None  # [Q, L] bool, when start_pos > 0
 
 
 @dataclass

@@ -166,7 +166,10 @@ class TorchAttentionBackend:
                 mask, causal = None, True
             else:
                 ks, vs = gather_kv(k_cache, v_cache, s.block_table, q.shape[-1], q.dtype)
-                mask, causal = s.key_mask, False
+                # whole blocks: the query at position p sees every key at position <= p
+                q_pos = s.start_pos + torch.arange(s.num_tokens, device=q.device)
+                mask = torch.arange(ks.shape[1], device=q.device)[None, :] <= q_pos[:, None]
+                causal = False
             res = F.scaled_dot_product_attention(
                 qs,
                 ks.unsqueeze(0),
