@@ -3,7 +3,7 @@ the attention backend."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,17 @@ class PrefillSeq:
     num_tokens: int
     start_pos: int  # tokens already in the cache before this step
     block_table: torch.Tensor | None  # [num_blocks] int64, when start_pos > 0
+    _key_mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def key_mask(self, num_keys: int) -> torch.Tensor:
+        """[Q, num_keys] bool over the gathered (whole) blocks: the query at position p sees
+        every key at position <= p. Built on first use, then shared by every layer of the step
+        (only a backend without a paged prefill kernel asks)."""
+        if self._key_mask is None:
+            dev = self.block_table.device
+            q_pos = self.start_pos + torch.arange(self.num_tokens, device=dev)
+            self._key_mask = torch.arange(num_keys, device=dev)[None, :] <= q_pos[:, None]
+        return self._key_mask
 
 
 @dataclass

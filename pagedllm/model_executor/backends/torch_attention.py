@@ -166,10 +166,7 @@ class TorchAttentionBackend:
                 mask, causal = None, True
             else:
                 ks, vs = gather_kv(k_cache, v_cache, s.block_table, q.shape[-1], q.dtype)
-                # whole blocks: the query at position p sees every key at position <= p
-                q_pos = s.start_pos + torch.arange(s.num_tokens, device=q.device)
-                mask = torch.arange(ks.shape[1], device=q.device)[None, :] <= q_pos[:, None]
-                causal = False
+                mask, causal = s.key_mask(ks.shape[1]), False
             res = F.scaled_dot_product_attention(
                 qs,
                 ks.unsqueeze(0),
