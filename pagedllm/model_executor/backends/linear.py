@@ -13,9 +13,11 @@ projections on AMD EPYC Zen 4: 8.9 vs 16.7 ms at 16 rows, 37.6 vs 74.5 at 128, 1
 ``--quantization int8`` steps of few rows use torch's int8 kernel; ``--quantization gguf``
 and AWQ/GPTQ/compressed-tensors weights are decoded to dense ones once (it has no kernel for
 quantized blocks).
-NativeLinearBackend adds one ISA's kernels: the int8 kernel for those small steps, on AMX
-``amx_linear`` for decode-sized steps, from a second copy of the weight in its tile layout (it
-streams the weights faster than oneDNN: x86/amx/amx_linear.cpp), and ``quant_linear`` for
+NativeLinearBackend adds one ISA's kernels: ``small_linear`` for fp32 steps of few rows (it
+streams the row-major weight: generic/small_linear.cpp), the int8 kernel for those small steps,
+on AMX ``amx_linear`` for decode-sized steps, from a second copy of the weight in its tile
+layout (it streams the weights faster than oneDNN: x86/amx/amx_linear.cpp), and
+``quant_linear`` for
 weights kept quantized: GGUF blocks, AWQ/GPTQ/compressed-tensors groups
 (generic/quant_linear.cpp).
 """
@@ -38,6 +40,14 @@ PACK_BATCH_HINT = 64
 INT8_MAX_ROWS = 4
 # The most rows the native int8 kernel takes (kMaxRows, generic/int8_linear.cpp).
 INT8_KERNEL_MAX_ROWS = 4
+# fp32 steps of at most this many rows (and bf16 ones where the CPU has no bf16 dot products)
+# use small_linear, which streams the row-major weight at DRAM speed while oneDNN's packed GEMM
+# leaves bandwidth unused. The model's projections + lm_head, SmolLM2-135M fp32, weights cold,
+# small_linear vs oneDNN (ms, medians of 9, Intel Xeon model 207 without AVX512-BF16):
+# AVX-512 27.7 vs 30.2 at 1 row, 33.8 vs 42.6 at 4, 38.8 vs 49.7 at 16, 50.6 vs 52.8 at 24,
+# 59.9 vs 59.0 at 32; AVX2 (both) 26.8 vs 34.2 at 1, 61.4 vs 65.5 at 16, 100.6 vs 87.9 at 32.
+# Steps past 15 rows are padded to multiples of 16 (input_batch.padded_rows): 16 is the bound.
+SMALL_LINEAR_MAX_ROWS = 16
 # Steps of at most this many rows use amx_linear; above it oneDNN, which also blocks over the
 # rows, wins. The model's projections with the weights cold, amx_linear vs oneDNN (ms): 10.7 vs
 # 14.2 at 16 rows, 28.3 vs 28.4 at 208, 75.0 vs 86.5 at 528, 155.6 vs 178.9 at 1,024, 194.4 vs
@@ -99,6 +109,11 @@ class TorchLinearBackend:
                 weight.float() if self.widens(weight) else weight, PACK_BATCH_HINT
             )
 
+    def keeps_plain_weight(self, layer: Any) -> bool:
+        """Whether a step reads the row-major weight besides the packed copy (which otherwise
+        replaces it once packed)."""
+        return False
+
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         if layer.int8_weight is not None and x.shape[0] <= self.int8_max_rows:
             out = self.int8_matmul(x.to(layer.weight.dtype), layer.int8_weight, layer.int8_scales)
@@ -129,7 +144,9 @@ class NativeLinearBackend(TorchLinearBackend):
         self.amx = ops.amx_supported
 
     def describe(self) -> str:
-        return "amx_linear up to 1024 rows, oneDNN above" if self.amx else super().describe()
+        if self.amx:
+            return "amx_linear up to 1024 rows, oneDNN above"
+        return f"small_linear up to {SMALL_LINEAR_MAX_ROWS} rows, {super().describe()} above"
 
     def prepare(self, layer: Any) -> None:
         if layer.qweight is not None:
@@ -149,14 +166,39 @@ class NativeLinearBackend(TorchLinearBackend):
         if layer.qweight is not None:
             out = self.quantized_matmul(layer.qweight, x)
             return out if layer.bias is None else out + layer.bias
-        if (
-            layer.amx_weight is not None
-            and x.dim() == 2
-            and x.shape[0] <= AMX_LINEAR_MAX_ROWS
-            and (layer.int8_weight is None or x.shape[0] > self.int8_max_rows)
-        ):
+        rows = x.shape[0] if x.dim() == 2 else -1
+        if layer.int8_weight is not None and 0 < rows <= self.int8_max_rows:
+            return super().apply(layer, x)
+        if layer.amx_weight is not None and 0 < rows <= AMX_LINEAR_MAX_ROWS:
             return self.ops.amx_linear(x.to(torch.bfloat16), layer.amx_weight)
+        if 0 < rows <= SMALL_LINEAR_MAX_ROWS and self.streams(layer.weight):
+            bias = layer.bias
+            if bias is not None and bias.dtype != torch.float32:
+                bias = bias.float()
+            # (dtypes compared here: a no-op .to() is still a dispatcher call, per layer)
+            y = self.ops.small_linear(
+                x if x.dtype == torch.float32 else x.float(), layer.weight, bias
+            )
+            return y if layer.weight.dtype == torch.float32 else y.to(layer.weight.dtype)
         return super().apply(layer, x)
+
+    def keeps_plain_weight(self, layer: Any) -> bool:
+        """small_linear reads the plain weight: it stays beside oneDNN's packed copy, which
+        prefill steps run (memory: a second copy of each streamed weight, as AMX keeps one in
+        its tile layout)."""
+        return layer.amx_weight is None and layer.qweight is None and self.streams(layer.weight)
+
+    def streams(self, weight: torch.Tensor) -> bool:
+        """Whether small steps run small_linear on this weight: fp32, or bf16 where the CPU has
+        no bf16 dot products (the kernel widens it in registers, reading half the bytes of the
+        widened copy); with bf16 dot products oneDNN's bf16 GEMM (or amx_linear) runs them."""
+        return (
+            weight.device.type == "cpu"
+            and (weight.dtype == torch.float32 or self.widens(weight))
+            and weight.dim() == 2
+            and weight.shape[1] % 16 == 0
+            and weight.is_contiguous()
+        )
 
     def int8_matmul(self, x, w, scales):
         if x.shape[1] % 16 or x.shape[0] > INT8_KERNEL_MAX_ROWS:

@@ -142,8 +142,8 @@ def quantize_linear_weights_int8(model: nn.Module) -> int:
 
 def pack_linear_weights(model: nn.Module, keep_plain: tuple[nn.Module, ...] = ()) -> int:
     """Pre-pack every Linear's weight and drop the plain copy unless another module shares it
-    (a tied lm_head's weight is the embedding table) or the module is in ``keep_plain``.
-    Returns how many were packed."""
+    (a tied lm_head's weight is the embedding table), the module is in ``keep_plain`` or its
+    linear backend runs some steps on it. Returns how many were packed."""
     shared = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
     shared |= {m.weight.data_ptr() for m in keep_plain}
     count = 0
@@ -153,6 +153,7 @@ def pack_linear_weights(model: nn.Module, keep_plain: tuple[nn.Module, ...] = ()
             if module.packed_weight is None:
                 continue
             count += 1
-            if module.weight.data_ptr() not in shared:
+            read_plain = module.linear_backend.keeps_plain_weight(module)
+            if module.weight.data_ptr() not in shared and not read_plain:
                 module.weight.data = module.weight.data.new_empty(0)
     return count

@@ -38,6 +38,7 @@ SOURCES = (
     "generic/argmax.cpp",
     "generic/token_bitmask.cpp",
     "generic/lora.cpp",
+    "generic/small_linear.cpp",
     "generic/int8_linear.cpp",
     "generic/quant_linear.cpp",
     "generic/batch_invariant_linear.cpp",

@@ -101,6 +101,10 @@ class NativeOps:
         return self._ops.silu_and_mul(x)
 
     # ---- linear -------------------------------------------------------------------------------
+    def small_linear(self, x, w, bias=None) -> torch.Tensor:
+        """fp32 x [M, K] (M <= 64) times the row-major fp32 or bf16 weight [N, K] -> fp32."""
+        return self._ops.small_linear(x.contiguous(), w, bias)
+
     def int8_linear(self, x, w, scales) -> torch.Tensor:
         return self._ops.int8_linear(x, w, scales)
 

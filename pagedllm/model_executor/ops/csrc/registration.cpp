@@ -33,7 +33,8 @@ PAGEDLLM_LIBRARY(m) {
       "rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, "
       "Tensor sin) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
-  // Linear (generic/int8_linear.cpp, x86/amx/amx_linear.cpp).
+  // Linear (generic/small_linear.cpp, generic/int8_linear.cpp, x86/amx/amx_linear.cpp).
+  m.def("small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_linear(Tensor x, Tensor wp) -> Tensor");
   // Weights kept quantized: GGUF blocks, affine groups (generic/quant_linear.cpp).

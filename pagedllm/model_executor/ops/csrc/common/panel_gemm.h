@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common/batch_invariant_linear.h"
+#include "common/tile_rows.h"
 #include "common/vec_math.h"
 
 namespace pagedllm::panel {
@@ -64,7 +65,8 @@ void tile_fma(const T* x, int64_t ldx, const W* w, int64_t k, float* sums) {
     }
   }
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < kVecs; ++j) std::memcpy(sums + i * kP + j * kLanes, &acc[i][j], sizeof(vnf));
+    for (int j = 0; j < kVecs; ++j)
+      std::memcpy(sums + i * kP + j * kLanes, &acc[i][j], sizeof(vnf));
 }
 
 #if defined(__AVX512BF16__)
@@ -114,15 +116,7 @@ void rows_panel(const T* x, int64_t ldx, int64_t m, const W* w, int64_t k, T* y,
 #endif
       if constexpr (!Vnni) tile_fma<R>(xr, ldx, w, k, sums);
     };
-    switch (rows) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-#if defined(__AVX512F__)
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-#endif
-      default: TORCH_CHECK(false, "bi_linear: bad tile");
-    }
+    with_tile_rows(rows, "bi_linear", run);
     store_tile(sums, rows, y + r * ldy, ldy, c0, n, bias);
   }
 }

@@ -86,7 +86,8 @@ void fused_add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
       using out_t = scalar_t;
       out_t* op = out.data_ptr<out_t>();
       at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) add_norm_row(rp + r * n, dp + r * n, wp, eps, n, op + r * n);
+        for (int64_t r = b; r < e; ++r)
+          add_norm_row(rp + r * n, dp + r * n, wp, eps, n, op + r * n);
       });
     });
   });

@@ -107,7 +107,8 @@ void lora_tile(T* y, const T* x, const int64_t* toks, int m, const T* a, const T
     for (; ob < bounds[sh + 1]; ++ob) {
       for (int i = 0; i < m; ++i) {
         float acc = 0.0f;
-        for (int64_t j = 0; j < rank; ++j) acc += t[i * rt + sh * rank + j] * load_f(bt[j * out + ob]);
+        for (int64_t j = 0; j < rank; ++j)
+          acc += t[i * rt + sh * rank + j] * load_f(bt[j * out + ob]);
         add_scalar(y + toks[i] * y_stride + ob, acc);
       }
     }

@@ -405,7 +405,8 @@ void dispatch_int8_group(const at::Tensor& q, const at::Tensor& k_cache,
   } else {
     const int64_t block_size = k_cache.size(2) / (D + 4);
     TORCH_CHECK(block_size * (D + 4) == k_cache.size(2) && block_size % 16 == 0,
-                "int8 KV cache: records of block_size * (head_dim + 4) bytes, block_size % 16 == 0");
+                "int8 KV cache: records of block_size * (head_dim + 4) bytes, "
+                "block_size % 16 == 0");
     auto run = [&](auto bs_tag, auto g_tag) {
       decode_int8_impl<T, D, decltype(bs_tag)::value, decltype(g_tag)::value>(
           q.data_ptr<T>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
@@ -476,7 +477,7 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
 #define PAGEDLLM_CASE(HD)                                                                    \
   case HD:                                                                                   \
     dispatch_cache<T, HD>(q, k_cache, v_cache, block_tables, seq_lens, out, scale,           \
-                          max_seq_len, window);                                                      \
+                          max_seq_len, window);                                              \
     break;
   switch (q.size(2)) {
     PAGEDLLM_CASE(16)
@@ -524,7 +525,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
       dispatch_head_dim<float>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len, window);
       break;
     case at::kBFloat16:
-      dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len, window);
+      dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len,
+                                       window);
       break;
     case at::kHalf:
       dispatch_head_dim<c10::Half>(q, k_cache, v_cache, bt, sl, out, scale, max_seq_len, window);

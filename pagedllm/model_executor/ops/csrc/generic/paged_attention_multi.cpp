@@ -105,7 +105,7 @@ void multi_query_impl(const T* q, const C* k_cache, const C* v_cache, const int6
   const int64_t head_stride = D * bs;
   const int64_t block_stride = num_kv_heads * head_stride;
   const int64_t ld = round_up(std::max<int64_t>(max_seq_len, 1), bs);
-  // bf16 queries and cache on AVX-512-BF16: scores on pair dot products (16 rows a pass).
+  // bf16 queries and cache on AVX-512-BF16: scores on pair dot products (4 to 16 rows a pass).
 #if defined(__AVX512BF16__)
   constexpr bool kPairs =
       std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>;

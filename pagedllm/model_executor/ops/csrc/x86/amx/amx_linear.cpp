@@ -62,7 +62,8 @@ void linear_amx(const c10::BFloat16* x, int64_t lda, const c10::BFloat16* tail, 
       const int64_t c1 = std::min(p1, c0 + kChunk);
       // The next chunk, spread over this chunk's k steps.
       const char* pf = reinterpret_cast<const char*>(wp + c1 * pair_elems);
-      const char* pf_end = reinterpret_cast<const char*>(wp + std::min(p1, c1 + kChunk) * pair_elems);
+      const char* pf_end =
+          reinterpret_cast<const char*>(wp + std::min(p1, c1 + kChunk) * pair_elems);
       const int64_t steps = (tiles + 1) / 2 * (c1 - c0) * kcs;
       const int64_t per_step = ((pf_end - pf) / 64 + steps - 1) / steps;
       for (int64_t mt = 0; mt < tiles; mt += 2) {
@@ -96,8 +97,8 @@ void linear_amx(const c10::BFloat16* x, int64_t lda, const c10::BFloat16* tail, 
           if (two) {
             _tile_stored(2, buf, 128);
             _tile_stored(3, buf + 16, 128);
-            store_rows(buf, std::min<int64_t>(16, m - mt * 16 - 16), out + (mt + 1) * 16 * n + p * 32,
-                       n);
+            store_rows(buf, std::min<int64_t>(16, m - mt * 16 - 16),
+                       out + (mt + 1) * 16 * n + p * 32, n);
           }
         }
       }
