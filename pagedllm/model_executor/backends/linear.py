@@ -17,8 +17,7 @@ NativeLinearBackend adds one ISA's kernels: ``small_linear`` for fp32 steps of f
 streams the row-major weight: generic/small_linear.cpp), the int8 kernel for those small steps,
 on AMX ``amx_linear`` for decode-sized steps, from a second copy of the weight in its tile
 layout (it streams the weights faster than oneDNN: x86/amx/amx_linear.cpp), and
-``quant_linear`` for
-weights kept quantized: GGUF blocks, AWQ/GPTQ/compressed-tensors groups
+``quant_linear`` for weights kept quantized: GGUF blocks, AWQ/GPTQ/compressed-tensors groups
 (generic/quant_linear.cpp).
 """
 
