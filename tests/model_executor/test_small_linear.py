@@ -55,8 +55,8 @@ def test_bad_shapes_are_clear_errors(ops):
 @pytest.mark.parametrize("isa", native_isa_names())
 def test_backend_runs_small_steps_on_the_plain_weight(isa, dtype, monkeypatch):
     """Steps of up to SMALL_LINEAR_MAX_ROWS rows run small_linear on the plain weight, which
-    packing keeps for it (fp32; bf16 only where the CPU has no bf16 dot products); larger steps
-    run oneDNN's packed copy. Both give F.linear's result."""
+    packing keeps for it (fp32); larger steps
+    run oneDNN's packed copy. Both give F.linear's result. bf16 weights stay on oneDNN."""
     torch.manual_seed(0)
     backend = get_backend(isa, dtype)
     layer = Linear(64, 40, bias=True)
@@ -67,7 +67,7 @@ def test_backend_runs_small_steps_on_the_plain_weight(isa, dtype, monkeypatch):
     pack_linear_weights(layer)
     linear = backend.linear
     streams = linear.streams(weight)
-    assert streams == (dtype == torch.float32 or linear.widens(weight))
+    assert streams == (dtype == torch.float32)
     assert layer.weight.numel() == (weight.numel() if streams else 0)
 
     calls = []

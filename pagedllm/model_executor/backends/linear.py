@@ -39,10 +39,10 @@ PACK_BATCH_HINT = 64
 INT8_MAX_ROWS = 4
 # The most rows the native int8 kernel takes (kMaxRows, generic/int8_linear.cpp).
 INT8_KERNEL_MAX_ROWS = 4
-# fp32 steps of at most this many rows (and bf16 ones where the CPU has no bf16 dot products)
-# use small_linear, which streams the row-major weight at DRAM speed while oneDNN's packed GEMM
-# leaves bandwidth unused. The model's projections + lm_head, SmolLM2-135M fp32, weights cold,
-# small_linear vs oneDNN (ms, medians of 9, Intel Xeon model 207 without AVX512-BF16):
+# fp32 steps of at most this many rows use small_linear, which streams the row-major weight at
+# DRAM speed while oneDNN's packed GEMM leaves bandwidth unused. The model's projections +
+# lm_head, SmolLM2-135M fp32, weights cold, small_linear vs oneDNN (ms, medians of 9, Intel
+# Xeon model 207 without AVX512-BF16):
 # AVX-512 27.7 vs 30.2 at 1 row, 33.8 vs 42.6 at 4, 38.8 vs 49.7 at 16, 50.6 vs 52.8 at 24,
 # 59.9 vs 59.0 at 32; AVX2 (both) 26.8 vs 34.2 at 1, 61.4 vs 65.5 at 16, 100.6 vs 87.9 at 32.
 # Steps past 15 rows are padded to multiples of 16 (input_batch.padded_rows): 16 is the bound.
@@ -188,12 +188,13 @@ class NativeLinearBackend(TorchLinearBackend):
         return layer.amx_weight is None and layer.qweight is None and self.streams(layer.weight)
 
     def streams(self, weight: torch.Tensor) -> bool:
-        """Whether small steps run small_linear on this weight: fp32, or bf16 where the CPU has
-        no bf16 dot products (the kernel widens it in registers, reading half the bytes of the
-        widened copy); with bf16 dot products oneDNN's bf16 GEMM (or amx_linear) runs them."""
+        """Whether small steps run small_linear on this weight: fp32 only. (The kernel also reads
+        bf16 weights, widened in registers, but a widened bf16 model's larger steps run oneDNN,
+        whose sums round to other bf16 outputs: a sequence decoding alone would then get other
+        greedy text than inside a batch, tests/entrypoints/test_bf16_default.py.)"""
         return (
             weight.device.type == "cpu"
-            and (weight.dtype == torch.float32 or self.widens(weight))
+            and weight.dtype == torch.float32
             and weight.dim() == 2
             and weight.shape[1] % 16 == 0
             and weight.is_contiguous()
