@@ -22,7 +22,10 @@ def build_sampling_batch(
     params = [r.sampling_params for r in requests]
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
     batch = SamplingBatch(
-        temperature=temperature.to(device), all_greedy=all(p.is_greedy for p in params)
+        temperature=temperature.to(device),
+        all_greedy=all(p.is_greedy for p in params),
+        any_greedy=any(p.is_greedy for p in params),
+        unit_temperature=all(p.temperature in (0.0, 1.0) for p in params),
     )
     if not batch.all_greedy:
         if any(p.top_k is not None for p in params):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pagedllm.model_executor.backends.kernels import NativeKernels, TorchKernels
+from pagedllm.model_executor.request_state import CachedRequestState, StepRequest
 from pagedllm.model_executor.sampler import (
     Penalties,
     Sampler,
@@ -13,7 +14,10 @@ from pagedllm.model_executor.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     greedy_argmax,
+    inverse_cdf_draw,
 )
+from pagedllm.model_executor.sampling_metadata import build_sampling_batch
+from pagedllm.sampling_params import SamplingParams
 from tests.utils import backend_names
 
 
@@ -103,6 +107,60 @@ def test_min_p_drops_tokens_below_the_scaled_threshold():
     batch = _batch(2000, min_p=torch.full((2000,), 0.2))  # threshold 0.12: drops 0.1
     tokens = Sampler()(logits, batch).token_ids
     assert (tokens != 2).all() and (tokens == 1).any()
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 49152])
+def test_inverse_cdf_draw_picks_the_token_of_one_cumulative_sum(vocab):
+    """The two-level draw (block sums, then one block) lands on the token a float64 cumulative
+    sum over the whole row picks, masked tokens included (zeros: never drawn)."""
+    torch.manual_seed(vocab)
+    probs = torch.softmax(torch.randn(64, vocab) * 3, dim=-1)
+    probs[:, ::3] = 0.0  # masked tokens, on block edges too
+    probs /= probs.sum(dim=-1, keepdim=True)
+    u = torch.rand(64, 1, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 2.0**-53  # the ends of [0, 1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    got = inverse_cdf_draw(probs, u)
+    assert torch.equal(got, expected)
+    assert (probs.gather(1, got.unsqueeze(1)) > 0).all()
+
+
+def test_inverse_cdf_draw_never_lands_on_a_zero_probability_token():
+    probs = torch.zeros(4, 300)  # padded to two blocks; mass only at 1, 255, 256 and 299
+    probs[:, [1, 255, 256, 299]] = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    for u in torch.linspace(0, 1 - 2.0**-53, 101, dtype=torch.float64):
+        ids = inverse_cdf_draw(probs, torch.full((4, 1), float(u), dtype=torch.float64))
+        assert set(ids.tolist()) <= {1, 255, 256, 299}
+
+
+def test_unit_temperature_and_no_greedy_rows_skip_work_not_results():
+    """The flags build_sampling_batch sets for the usual serving step (every row sampled at
+    temperature 1) change which tensors are computed, not the tokens drawn."""
+    logits = torch.randn(5, 300)
+    rows = {r: torch.Generator().manual_seed(r) for r in range(5)}
+    plain = Sampler()(logits, _batch(5, generators=rows)).token_ids
+    rows = {r: torch.Generator().manual_seed(r) for r in range(5)}
+    flagged = _batch(5, generators=rows, any_greedy=False, unit_temperature=True)
+    assert torch.equal(Sampler()(logits, flagged).token_ids, plain)
+    # a greedy row (temperature 0) still takes the argmax under unit_temperature
+    mixed = _batch(2, temperature=torch.tensor([0.0, 1.0]), unit_temperature=True)
+    assert Sampler()(logits[:2], mixed).token_ids[0] == logits[0].argmax()
+
+
+@pytest.mark.parametrize(
+    ("temperatures", "any_greedy", "unit"),
+    [((1.0, 1.0), False, True), ((0.0, 1.0), True, True), ((0.7, 1.0), False, False)],
+)
+def test_build_sampling_batch_flags(temperatures, any_greedy, unit):
+    reqs = [
+        StepRequest(
+            CachedRequestState(str(i), [1, 2], 2, SamplingParams(temperature=t), i, 1, 2), 2, 1, []
+        )
+        for i, t in enumerate(temperatures)
+    ]
+    batch = build_sampling_batch(reqs, {}, 10, torch.device("cpu"))
+    assert (batch.any_greedy, batch.unit_temperature) == (any_greedy, unit)
 
 
 def test_seeded_rows_reproduce_regardless_of_neighbours():
