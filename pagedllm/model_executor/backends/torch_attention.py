@@ -143,6 +143,11 @@ class TorchAttentionBackend:
         p - window + 1 .. p); None: every earlier key."""
         if window is not None and window_matters(meta, window):
             return windowed_forward(q, k, v, k_cache, v_cache, meta, scale, window)
+        d = meta.decode
+        if d is not None and not meta.prefills and d.num_tokens == q.shape[0]:
+            # A decode-only step (most of a serving run): the kernel's output as it is, without
+            # an output buffer to fill and copy into (three dispatches a layer).
+            return self.decode(q, k_cache, v_cache, d, scale)
         out = torch.empty_like(q)
         out[meta.slot_mapping.shape[0] :] = 0  # pad rows, if any
         if meta.decode is not None:
