@@ -24,16 +24,13 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
+from benchmarks.model_shapes import INPUT_WIDTHS, random_weights  # noqa: E402
 from pagedllm.model_executor.backends.linear import (  # noqa: E402
     AMX_LINEAR_MAX_ROWS,
     PACK_BATCH_HINT,
     pack_amx,
 )
 from pagedllm.model_executor.ops import native_ops  # noqa: E402
-
-SHAPES = [(960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in) per layer
-LAYERS = 30
-LM_HEAD = (49152, 576)
 
 
 def main() -> int:
@@ -46,8 +43,7 @@ def main() -> int:
         print("amx_linear needs a CPU with AMX-BF16 and the amx kernels built")
         return 1
     torch.manual_seed(0)
-    weights = [torch.randn(o, i).to(torch.bfloat16) for _ in range(LAYERS) for o, i in SHAPES]
-    weights.append(torch.randn(*LM_HEAD).to(torch.bfloat16))
+    weights = random_weights(torch.bfloat16)
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT) for w in weights]
     tiles = [pack_amx(w) for w in weights]
     mb = sum(w.numel() for w in weights) * 2 / 1e6
@@ -63,7 +59,7 @@ def main() -> int:
             torch.ops.mkldnn._linear_pointwise(xs[t.shape[1] * 32], w, None, "none", [], "")
 
     for rows in args.rows:
-        xs = {i: torch.randn(rows, i).to(torch.bfloat16) for i in {i for _, i in SHAPES}}
+        xs = {i: torch.randn(rows, i).to(torch.bfloat16) for i in INPUT_WIDTHS}
         times: dict[str, list[float]] = {"amx": [], "dnnl": []}
         for _ in range(args.repeats):  # alternated, so drift hits both alike
             for name, fn in (("amx", amx), ("dnnl", dnnl)):

@@ -28,15 +28,12 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from a checkout without installing pagedllm
 
+from benchmarks.model_shapes import INPUT_WIDTHS, random_weights  # noqa: E402
 from pagedllm.model_executor.backends.linear import (  # noqa: E402
     PACK_BATCH_HINT,
     SMALL_LINEAR_MAX_ROWS,
 )
 from pagedllm.model_executor.ops import native_ops, runnable_isas  # noqa: E402
-
-SHAPES = [(960, 576), (3072, 576), (576, 1536), (576, 576)]  # (out, in) per layer
-LAYERS = 30
-LM_HEAD = (49152, 576)
 
 
 def main() -> int:
@@ -53,15 +50,14 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
     wdtype = torch.float32 if args.weights == "fp32" else torch.bfloat16
-    weights = [torch.randn(o, i).to(wdtype) for _ in range(LAYERS) for o, i in SHAPES]
-    weights.append(torch.randn(*LM_HEAD).to(wdtype))
+    weights = random_weights(wdtype)
     packed = [torch.ops.mkldnn._reorder_linear_weight(w.float(), PACK_BATCH_HINT) for w in weights]
     mb = sum(w.numel() * w.element_size() for w in weights) / 1e6
     print(f"{isa}: {len(weights)} projections, {mb:.0f} MB of {args.weights} weights")
     print(f"(the engine runs small_linear up to {SMALL_LINEAR_MAX_ROWS} rows)")
     print(f"{'rows':>5} {'small_linear ms':>16} {'GB/s':>6} {'oneDNN ms':>10} {'ratio':>6}")
     for rows in args.rows:
-        xs = {k: torch.randn(rows, k) for k in {i for _, i in SHAPES}}
+        xs = {k: torch.randn(rows, k) for k in INPUT_WIDTHS}
 
         def small(xs: dict[int, torch.Tensor] = xs) -> None:
             for w in weights:
